@@ -1,0 +1,164 @@
+"""Command line of cflow-ad, parsed once into a frozen :class:`Config`.
+
+The options of the original implementation keep their long and short names and defaults; the
+options added here are grouped separately in ``--help``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from custom_datasets import DATASET_NAMES
+from custom_models.encoders import ENCODER_NAMES
+from custom_models.flow import DECODER_NAMES
+
+ACTION_TYPES = ('norm-train', 'norm-test')
+DEFAULT_INPUT_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings of one run; nothing changes them after :func:`parse_config`."""
+    # options of the original implementation
+    dataset: str = 'mvtec'
+    checkpoint: str = ''
+    class_name: str = 'none'
+    enc_arch: str = 'wide_resnet50_2'
+    dec_arch: str = 'freia-cflow'
+    pool_layers: int = 3
+    coupling_blocks: int = 8
+    run_name: int = 0
+    input_size: int = DEFAULT_INPUT_SIZE
+    action_type: str = 'norm-train'
+    batch_size: int = 32
+    lr: float = 2e-4
+    meta_epochs: int = 25
+    sub_epochs: int = 8
+    pro: bool = False
+    viz: bool = False
+    workers: int = 4
+    gpu: str | None = None
+    no_cuda: bool = False
+    video_path: str = '.'
+    # options added by this implementation
+    seed: int = 0
+    data_path: str | None = None
+    fiber_batch: int = 256
+    test_fiber_batch: int = 16384
+    output_dir: str = '.'
+    encoder_weights: str = 'default'
+    save_maps: bool = False
+    score_norm: str = 'test'
+    precision: str = 'fp32'
+    adam_mode: str = 'paper'
+    run_count: int = 1
+    resume: bool = False
+    progress: bool = True
+    input_size_given: bool = False
+    # fixed values of the method
+    condition_dim: int = 128
+    clamp_alpha: float = 1.9
+    lr_warm_epochs: int = 2
+    lr_decay_rate: float = 0.1
+    aupro_fpr_limit: float = 0.3
+    aupro_cflow_thresholds: int = 1000
+
+    @property
+    def model_name(self) -> str:
+        """``{dataset}_{enc}_{dec}_pl{L}_cb{K}_inp{inp}_run{run}_{class}``, as the original names runs."""
+        return (f'{self.dataset}_{self.enc_arch}_{self.dec_arch}_pl{self.pool_layers}_cb{self.coupling_blocks}'
+                f'_inp{self.input_size}_run{self.run_name}_{self.class_name}')
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='main.py',
+        description='CFLOW-AD: unsupervised anomaly detection and localisation with conditional normalizing flows.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    o = p.add_argument_group('options of the original implementation')
+    o.add_argument('--dataset', default='mvtec', choices=DATASET_NAMES,
+                   help='dataset layout: mvtec (MVTec AD or any folder in its layout), stc (ShanghaiTech Campus), '
+                        'mtd (Magnetic Tile Defects), textures (built-in demo, generated offline)')
+    o.add_argument('--checkpoint', default='', help='checkpoint file to evaluate with --action-type norm-test')
+    o.add_argument('-cl', '--class-name', default='none',
+                   help="class (MVTec-layout folder name), STC scene 01..12, 'tile' for mtd, or 'all'")
+    o.add_argument('-enc', '--enc-arch', default='wide_resnet50_2', choices=ENCODER_NAMES, help='feature encoder')
+    o.add_argument('-dec', '--dec-arch', default='freia-cflow', choices=DECODER_NAMES,
+                   help='normalizing-flow decoder: conditional (freia-cflow) or unconditional (freia-flow)')
+    o.add_argument('-pl', '--pool-layers', default=3, type=int, choices=(1, 2, 3),
+                   help='number of encoder scales L, one decoder each (coarsest kept first)')
+    o.add_argument('-cb', '--coupling-blocks', default=8, type=int, help='coupling blocks K per decoder')
+    o.add_argument('-run', '--run-name', default=0, type=int, help='run index, used in output names')
+    o.add_argument('-inp', '--input-size', default=None, type=int,
+                   help=f'square input size in pixels (default {DEFAULT_INPUT_SIZE}; with --class-name all, '
+                        'the paper\'s per-class size)')
+    o.add_argument('--action-type', default='norm-train', choices=ACTION_TYPES,
+                   help='norm-train: train and evaluate; norm-test: evaluate --checkpoint')
+    o.add_argument('-bs', '--batch-size', default=32, type=int, help='image batch size')
+    o.add_argument('--lr', default=2e-4, type=float, help='base learning rate of Adam')
+    o.add_argument('--meta-epochs', default=25, type=int, help='meta-epochs; the test set is scored after each')
+    o.add_argument('--sub-epochs', default=8, type=int, help='passes over the training set per meta-epoch')
+    o.add_argument('--pro', action='store_true', help='also compute AUPRO (both variants)')
+    o.add_argument('--viz', action='store_true', help='write anomaly-map figures and a score histogram to viz/')
+    o.add_argument('--workers', default=4, type=int, help='data-loader worker processes')
+    o.add_argument('--gpu', default=None, metavar='ID',
+                   help='CUDA device id; when given, CUDA is required (default: CUDA 0 if available, else CPU)')
+    o.add_argument('--no-cuda', action='store_true', help='run on the CPU')
+    o.add_argument('--video-path', default='.', help='unused; kept for command-line compatibility')
+    n = p.add_argument_group('options added by this implementation')
+    n.add_argument('--seed', default=0, type=int, help='random seed (runs are deterministic for a seed)')
+    n.add_argument('--data-path', default=None,
+                   help='dataset root (default ./data/MVTec-AD, ./data/STC/shanghaitech, ./data/magnetic_tile, '
+                        './data/textures)')
+    n.add_argument('--fiber-batch', default=256, type=int, help='fibers per optimizer step (N)')
+    n.add_argument('--test-fiber-batch', default=16384, type=int,
+                   help='fibers per decoder call at test time (does not change the scores)')
+    n.add_argument('--output-dir', default='.', help='results/, weights/ and viz/ are written under this folder')
+    n.add_argument('--encoder-weights', default='default', metavar='default|none|PATH',
+                   help="encoder weights: 'default' (ImageNet), 'none' (random initialisation) or a local "
+                        'state-dict file')
+    n.add_argument('--save-maps', action='store_true',
+                   help='write anomaly maps, masks, labels, scores and names to results/<model>_maps.npz')
+    n.add_argument('--score-norm', default='test', choices=('test', 'train'),
+                   help='per-scale normalisation of likelihoods: by the test-set maximum (paper) or by the '
+                        'maximum over the training images (scores single images)')
+    n.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
+                   help='bf16 runs encoder and flows under autocast; log-determinants and likelihoods stay fp32')
+    n.add_argument('--adam-mode', default='paper', choices=('paper', 'torch2'),
+                   help='paper: one Adam over all decoders whose idle decoders keep moving on their momentum '
+                        '(PyTorch 1.8 zero_grad, as the paper ran); torch2: idle decoders are not updated')
+    n.add_argument('--run-count', default=1, type=int,
+                   help='with --class-name all: runs per class (run indices start at --run-name)')
+    n.add_argument('--resume', action='store_true',
+                   help='continue an interrupted norm-train run from weights/<model>.pt')
+    n.add_argument('--no-progress', dest='progress', action='store_false', help='hide progress bars')
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parse the command line into a :class:`Config` (argparse exits with status 2 on bad options)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = vars(args)
+    positive = ('coupling_blocks', 'batch_size', 'meta_epochs', 'sub_epochs', 'fiber_batch', 'test_fiber_batch',
+                'run_count')
+    for name in positive:
+        if values[name] < 1:
+            parser.error(f'--{name.replace("_", "-")} must be at least 1, got {values[name]}')
+    if values['workers'] < 0:
+        parser.error('--workers must be 0 or more')
+    if values['lr'] <= 0:
+        parser.error('--lr must be positive')
+    given = values['input_size'] is not None
+    if given and values['input_size'] < 32:
+        parser.error(f'--input-size must be at least 32 pixels, got {values["input_size"]}')
+    values['input_size'] = values['input_size'] if given else DEFAULT_INPUT_SIZE
+    values['input_size_given'] = given
+    return Config(**values)

@@ -1,0 +1,331 @@
+"""Training and evaluation of CFLOW-AD: the fiber loop, test-set scoring and metrics."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from config import Config
+from custom_models.encoders import Encoder
+from custom_models.flow import (condition_fibers, condition_tables, fiber_log_prob, fiber_loss, flatten_fibers,
+                                grid_log_prob, positional_encoding_2d)
+from utils import metrics
+from utils.schedule import cosine_lr, learning_rate
+from utils.scoring import anomaly_maps, image_scores, layer_maxima
+
+METRIC_NAMES = ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')
+
+
+def set_seed(seed: int, cuda: bool) -> None:
+    """Seed python, numpy and torch (CPU and CUDA), and ask torch for deterministic kernels where it can."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if cuda:
+        torch.cuda.manual_seed_all(seed)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast context for ``--precision bf16``; a no-op for fp32."""
+    if precision == 'bf16':
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class PositionCache:
+    """Positional encodings per feature-map shape, built once and kept on the device."""
+
+    def __init__(self, condition_dim: int, device: torch.device):
+        self.condition_dim = condition_dim
+        self.device = device
+        self._cache: dict[tuple[int, int], Tensor] = {}
+
+    def __call__(self, height: int, width: int) -> Tensor:
+        key = (height, width)
+        if key not in self._cache:
+            self._cache[key] = positional_encoding_2d(self.condition_dim, height, width).to(self.device)
+        return self._cache[key]
+
+
+@dataclass
+class TrainState:
+    """What changes during training and is saved for resuming."""
+    epoch: int = -1  # last finished meta-epoch
+    history: list[dict] = field(default_factory=list)
+    sub_epoch_s: list[float] = field(default_factory=list)
+    train_images: int = 0
+    train_seconds: float = 0.0
+
+
+def make_optimizer(decoders, lr: float) -> torch.optim.Adam:
+    """One Adam over the trainable parameters of all decoders (the fixed rotations are left out).
+
+    The fused implementation is used where torch has one: the same update rule in one kernel
+    instead of one per operation.
+    """
+    params = [p for d in decoders for p in d.parameters() if p.requires_grad]
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+
+def train_layer_fibers(decoder, optimizer, fibers: Tensor, conds: Tensor | None, fiber_batch: int,
+                       cfg: Config, device: torch.device) -> tuple[float, int]:
+    """One pass of fiber batches over one scale's fibers of one image batch.
+
+    The fibers of all images and positions are shuffled together and cut into batches of
+    ``fiber_batch`` (the remainder is dropped); each batch is one Adam step. Returns the summed loss and
+    the number of fibers used.
+    """
+    n_fibers, width = fibers.shape
+    perm = torch.randperm(n_fibers, device=device)
+    total, used = 0.0, 0
+    set_to_none = cfg.adam_mode == 'torch2'
+    for f in range(n_fibers // fiber_batch):
+        idx = perm[f * fiber_batch:(f + 1) * fiber_batch]
+        with autocast(device, cfg.precision):
+            log_prob = fiber_log_prob(decoder, fibers[idx], conds[idx] if conds is not None else None)
+        loss = fiber_loss(log_prob)
+        optimizer.zero_grad(set_to_none=set_to_none)
+        loss.mean().backward()
+        optimizer.step()
+        total += float(loss.detach().sum())
+        used += fiber_batch
+    return total, used
+
+
+def train_meta_epoch(cfg: Config, epoch: int, encoder: Encoder, decoders, optimizer, loader: DataLoader,
+                     positions: PositionCache, device: torch.device, state: TrainState) -> float:
+    """Train all decoders for ``sub_epochs`` passes over the training set; returns the mean fiber loss."""
+    for d in decoders:
+        d.train()
+    batches = len(loader)
+    total_batches = batches * cfg.sub_epochs
+    set_lr(optimizer, cosine_lr(cfg.lr, epoch, cfg.meta_epochs, cfg.lr_decay_rate))
+    lr = optimizer.param_groups[0]['lr']
+    last_loss = float('nan')
+    for sub in range(cfg.sub_epochs):
+        start = time.perf_counter()
+        loss_sum, fiber_count, images = 0.0, 0, 0
+        bar = tqdm(loader, desc=f'train {epoch}.{sub}', leave=False, disable=not cfg.progress, unit='batch')
+        for i, (image, _, _, _) in enumerate(bar):
+            lr = learning_rate(cfg.lr, epoch, i + sub * batches, total_batches, cfg.meta_epochs,
+                               cfg.lr_warm_epochs, cfg.lr_decay_rate) if epoch < cfg.lr_warm_epochs else lr
+            set_lr(optimizer, lr)
+            image = image.to(device, non_blocking=True)
+            with torch.no_grad(), autocast(device, cfg.precision):
+                features = encoder(image)
+            for decoder, feat in zip(decoders, features):
+                feat = feat.float()
+                fibers = flatten_fibers(feat)
+                conds = condition_fibers(positions(feat.shape[2], feat.shape[3]), feat.shape[0])
+                s, n = train_layer_fibers(decoder, optimizer, fibers, conds, cfg.fiber_batch, cfg, device)
+                loss_sum += s
+                fiber_count += n
+            images += image.shape[0]
+            bar.set_postfix(loss=f'{loss_sum / max(fiber_count, 1):.4f}', lr=f'{lr:.2e}')
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        state.sub_epoch_s.append(seconds)
+        state.train_images += images
+        state.train_seconds += seconds
+        last_loss = loss_sum / max(fiber_count, 1)
+        print(f'Epoch: {epoch}.{sub} \t train loss: {last_loss:.4f}, lr={lr:.6f}', flush=True)
+    return last_loss
+
+
+@dataclass
+class EvalOutput:
+    """Per-scale log-likelihoods of an image set and what the metrics need."""
+    log_probs: list[Tensor]  # per scale (N, H_l, W_l) float32, per-dimension log-likelihood
+    labels: np.ndarray  # (N,) int
+    masks: np.ndarray | None  # (N, S, S) bool, None when not collected
+    mask_valid: np.ndarray  # (N,) bool
+    loss: float
+    forward_s: float
+
+
+def infer_log_probs(cfg: Config, encoder: Encoder, decoders, loader: DataLoader, positions: PositionCache,
+                    device: torch.device, collect_masks: bool, desc: str) -> EvalOutput:
+    """Per-dimension log-likelihood of every fiber of every image, without grad.
+
+    Whole images go through a decoder at once (``--test-fiber-batch`` fibers or one image, whichever is
+    more), with the positional condition's share of each subnet computed once per grid.
+    """
+    for d in decoders:
+        d.eval()
+    n_images = len(loader.dataset)
+    log_probs: list[Tensor] | None = None
+    labels = np.zeros(n_images, dtype=np.int64)
+    valid = np.zeros(n_images, dtype=bool)
+    masks = np.zeros((n_images, cfg.input_size, cfg.input_size), dtype=bool) if collect_masks else None
+    loss_sum, loss_count, offset = 0.0, 0, 0
+    tables: list = [None] * len(decoders)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for image, label, mask, mask_valid in tqdm(loader, desc=desc, leave=False, disable=not cfg.progress,
+                                                   unit='batch'):
+            b = image.shape[0]
+            labels[offset:offset + b] = label.numpy()
+            valid[offset:offset + b] = mask_valid.numpy()
+            if masks is not None:
+                masks[offset:offset + b] = mask[:, 0].numpy() > 0.5
+            with autocast(device, cfg.precision):
+                features = encoder(image.to(device, non_blocking=True))
+            if log_probs is None:
+                log_probs = [torch.empty(n_images, f.shape[2], f.shape[3]) for f in features]
+            for layer, (decoder, feat) in enumerate(zip(decoders, features)):
+                grid = feat.shape[2] * feat.shape[3]
+                if tables[layer] is None:
+                    tables[layer] = condition_tables(decoder, positions(feat.shape[2], feat.shape[3]))
+                fibers = flatten_fibers(feat.float())
+                out = torch.empty(fibers.shape[0], device=device)
+                step = max(1, cfg.test_fiber_batch // grid) * grid  # whole images per decoder call
+                for s in range(0, fibers.shape[0], step):
+                    sl = slice(s, s + step)
+                    with autocast(device, cfg.precision):
+                        out[sl] = grid_log_prob(decoder, fibers[sl], tables[layer])
+                loss_sum += float(fiber_loss(out).sum())
+                loss_count += out.numel()
+                log_probs[layer][offset:offset + b] = out.view(b, feat.shape[2], feat.shape[3]).cpu()
+            offset += b
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return EvalOutput(log_probs=log_probs, labels=labels, masks=masks, mask_valid=valid,
+                      loss=loss_sum / max(loss_count, 1), forward_s=time.perf_counter() - start)
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray,
+                    valid: np.ndarray, pro: bool, cfg: Config, timing: dict | None = None) -> dict:
+    """Image AUROC, pixel AUROC and (with ``pro``) both AUPRO variants, in percent (None when undefined)."""
+    out = {'image_auroc': _pct(metrics.image_auroc(labels, scores)),
+           'pixel_auroc': None, 'aupro': None, 'aupro_cflow': None}
+    if masks is None or not valid.any():
+        return out
+    out['pixel_auroc'] = _pct(metrics.pixel_auroc(masks, maps, valid))
+    if pro:
+        t = time.perf_counter()
+        out['aupro'] = _pct(metrics.aupro(masks, maps, valid, fpr_limit=cfg.aupro_fpr_limit))
+        t2 = time.perf_counter()
+        out['aupro_cflow'] = _pct(metrics.aupro_cflow(masks, maps, valid, num_thresholds=cfg.aupro_cflow_thresholds,
+                                                      fpr_limit=cfg.aupro_fpr_limit))
+        if timing is not None:
+            timing['aupro_s'] = t2 - t
+            timing['aupro_cflow_s'] = time.perf_counter() - t2
+    return out
+
+
+def per_defect_metrics(defect_types: list[str], labels: np.ndarray, scores: np.ndarray, masks, maps, valid,
+                       pro: bool, cfg: Config) -> dict:
+    """Metrics of each defect type against all normal test images."""
+    types = np.asarray(defect_types)
+    normal = labels == 0
+    result = {}
+    for name in sorted(set(defect_types) - {'good'}):
+        sel = normal | (types == name)
+        result[name] = {'n_images': int((types == name).sum()),
+                        **compute_metrics(labels[sel], scores[sel], None if masks is None else masks[sel],
+                                          maps[sel], valid[sel], pro, cfg)}
+    return result
+
+
+@dataclass
+class Evaluation:
+    """Scores and metrics of one evaluation of the test set."""
+    metrics: dict
+    per_defect: dict
+    test_loss: float
+    maps: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+    timing: dict
+
+
+def evaluate(cfg: Config, encoder: Encoder, decoders, test_loader: DataLoader, positions: PositionCache,
+             device: torch.device, norm_maxima: list[float] | None) -> Evaluation:
+    """Score the test set and compute all metrics; timings are measured on the way."""
+    start = time.perf_counter()
+    out = infer_log_probs(cfg, encoder, decoders, test_loader, positions, device, True, 'test')
+    t = time.perf_counter()
+    maps = anomaly_maps(out.log_probs, cfg.input_size, norm_maxima)
+    scores = image_scores(maps).numpy()
+    maps_np = maps.numpy()
+    timing: dict = {'aupro_s': None, 'aupro_cflow_s': None}
+    result = compute_metrics(out.labels, scores, out.masks, maps_np, out.mask_valid, cfg.pro, cfg, timing)
+    per_defect = per_defect_metrics(test_loader.dataset.defect_types, out.labels, scores, out.masks, maps_np,
+                                    out.mask_valid, cfg.pro, cfg)
+    end = time.perf_counter()
+    aupro_total = (timing['aupro_s'] or 0.0) + (timing['aupro_cflow_s'] or 0.0)
+    n = len(out.labels)
+    timing.update(test_forward_s=out.forward_s, test_images_per_s=n / out.forward_s if out.forward_s > 0 else None,
+                  scoring_s=end - t - aupro_total, eval_s=end - start)
+    heights = [lp.shape[1] for lp in out.log_probs]
+    widths = [lp.shape[2] for lp in out.log_probs]
+    print(f'Heights/Widths {heights} {widths}', flush=True)
+    return Evaluation(metrics=result, per_defect=per_defect, test_loss=out.loss, maps=maps_np, scores=scores,
+                      masks=out.masks, labels=out.labels, valid=out.mask_valid, timing=timing)
+
+
+def train_maxima(cfg: Config, encoder: Encoder, decoders, train_eval_loader: DataLoader, positions: PositionCache,
+                 device: torch.device) -> list[float]:
+    """Per-scale maximum log-likelihood over the training images (for ``--score-norm train``)."""
+    out = infer_log_probs(cfg, encoder, decoders, train_eval_loader, positions, device, False, 'train stats')
+    return layer_maxima(out.log_probs)
+
+
+class BestTracker:
+    """Best value of each metric over epochs and the epoch it was reached (first one on ties)."""
+
+    def __init__(self, names=METRIC_NAMES):
+        self.value: dict[str, float | None] = {n: None for n in names}
+        self.epoch: dict[str, int | None] = {n: None for n in names}
+
+    def update(self, epoch: int, values: dict) -> None:
+        for name in self.value:
+            v = values.get(name)
+            if v is not None and (self.value[name] is None or v > self.value[name]):
+                self.value[name], self.epoch[name] = v, epoch
+
+    def as_dict(self) -> dict:
+        return {'epoch': dict(self.epoch), **self.value}
+
+    @classmethod
+    def from_history(cls, history: list[dict]) -> BestTracker:
+        tracker = cls()
+        for row in history:
+            tracker.update(row['epoch'], row)
+        return tracker
+
+
+def format_metric(v: float | None) -> str:
+    return '–' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.2f}'

@@ -1,0 +1,49 @@
+"""From per-scale log-likelihoods to anomaly maps and image scores (pure tensor math)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def layer_maxima(log_probs: list[Tensor]) -> list[float]:
+    """Maximum per-dimension log-likelihood of each scale over a whole image set."""
+    return [float(lp.max()) for lp in log_probs]
+
+
+def anomaly_maps(log_probs: list[Tensor], out_size: int, norm_maxima: list[float] | None = None,
+                 chunk: int = 64) -> Tensor:
+    """Anomaly maps as CFLOW-AD builds them.
+
+    Per scale l: ``q_l = exp(lp_l - m_l)``, upsampled bilinearly (align_corners=True) to the input size;
+    ``score = sum_l q_l``; anomaly ``A = offset - score``. With ``norm_maxima=None`` (the paper's protocol)
+    ``m_l`` is the maximum of ``lp_l`` over this image set and ``offset`` is the maximum of ``score`` over
+    the set. With given maxima (e.g. from the training images) both are fixed: ``m_l = norm_maxima[l]`` and
+    ``offset = L``, so each image's map depends on that image alone.
+
+    Args:
+        log_probs: per scale, (N, H_l, W_l) per-dimension log-likelihoods.
+        out_size: side of the square output maps.
+        norm_maxima: per-scale maxima, or None for test-set normalisation.
+        chunk: images upsampled at a time (bounds temporary memory).
+    Returns:
+        (N, out_size, out_size) float32 anomaly maps; higher is more anomalous.
+    """
+    n_images = log_probs[0].shape[0]
+    maxima = layer_maxima(log_probs) if norm_maxima is None else list(norm_maxima)
+    if len(maxima) != len(log_probs):
+        raise ValueError(f'{len(maxima)} maxima for {len(log_probs)} scales')
+    score = torch.zeros(n_images, out_size, out_size, dtype=torch.float32)
+    for start in range(0, n_images, chunk):
+        stop = min(start + chunk, n_images)
+        for lp, m in zip(log_probs, maxima):
+            q = torch.exp(lp[start:stop].double() - m).unsqueeze(1)
+            up = F.interpolate(q, size=(out_size, out_size), mode='bilinear', align_corners=True)
+            score[start:stop] += up[:, 0].float()
+    offset = float(score.max()) if norm_maxima is None else float(len(log_probs))
+    return offset - score
+
+
+def image_scores(maps: Tensor) -> Tensor:
+    """Image anomaly score = maximum of its anomaly map; maps (N, H, W) -> (N,)."""
+    return maps.flatten(1).max(dim=1).values
