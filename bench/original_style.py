@@ -10,6 +10,7 @@ DFR-style AUPRO loop (1000 thresholds, connected components re-labelled at every
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,8 @@ def _sync(device: torch.device) -> None:
 def _pos_conds(condition_dim: int, batch: int, height: int, width: int, device: torch.device) -> Tensor:
     """Positional encoding built on the CPU, repeated over the batch and moved: (batch*H*W, P)."""
     pe = positional_encoding_2d(condition_dim, height, width).unsqueeze(0).repeat(batch, 1, 1, 1)
-    return pe.reshape(batch, condition_dim, height * width).transpose(1, 2).reshape(-1, condition_dim).to(device)
+    conds = pe.reshape(batch, condition_dim, height * width).transpose(1, 2).reshape(-1, condition_dim)
+    return conds.to(device)
 
 
 def _fibers(feature: Tensor) -> Tensor:
@@ -85,14 +87,20 @@ def train_batch(encoder, decoders, optimizer, image: Tensor, condition_dim: int,
     return total, used
 
 
-def train_pass(encoder, decoders, optimizer, loader: DataLoader, condition_dim: int,
-               device: torch.device) -> tuple[float, int, float]:
-    """One pass over ``loader``; returns (mean fiber loss, images, seconds)."""
+def train_pass(encoder, decoders, optimizer, loader: DataLoader, condition_dim: int, device: torch.device,
+               lr_at: Callable[[int], float] | None = None) -> tuple[float, int, float]:
+    """One pass over ``loader``; returns (mean fiber loss, images, seconds).
+
+    ``lr_at(i)``, when given, is written into the optimizer before image batch i.
+    """
     for d in decoders:
         d.train()
     start = time.perf_counter()
     total, used, images = 0.0, 0, 0
-    for image, _, _, _ in loader:
+    for i, (image, _, _, _) in enumerate(loader):
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group['lr'] = lr_at(i)
         s, n = train_batch(encoder, decoders, optimizer, image, condition_dim, device)
         total += s
         used += n
@@ -240,7 +248,8 @@ def evaluate(encoder, decoders, loader: DataLoader, condition_dim: int, input_si
     end = time.perf_counter()
     metrics = {'image_auroc': image_auroc, 'pixel_auroc': pixel_auroc, 'aupro_cflow': aupro}
     n = len(out.labels)
-    timing = {'test_forward_s': out.seconds, 'test_images_per_s': n / out.seconds if out.seconds > 0 else None,
+    timing = {'test_forward_s': out.seconds,
+              'test_images_per_s': n / out.seconds if out.seconds > 0 else None,
               'scoring_s': t2 - t, 'aupro_cflow_s': end - t2 if pro else None, 'aupro_s': None,
               'eval_s': end - start}
     return metrics, timing

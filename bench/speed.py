@@ -5,7 +5,8 @@
 Every (encoder, precision, implementation) is measured in a fresh subprocess, so its peak resident memory is
 its own; each prints one JSON line, and the medians over ``--repeats`` are reported as a Markdown table.
 Data are synthetic (seeded random textures; half of the test images carry rectangular or blob defects with
-exact masks) and encoders are randomly initialised: speed does not depend on the weights.
+exact masks) and encoders are randomly initialised (their BatchNorm statistics calibrated on a few training
+images, so features have ordinary magnitudes): speed does not depend on the weights.
 
 Per measurement, in this order: a warm-up forward pass that changes no weights; the evaluation of the test
 set (forward, scoring, all metrics incl. AUPRO) on the freshly seeded decoders, so both implementations
@@ -31,6 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,15 +42,17 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import original_style  # noqa: E402
 import train  # noqa: E402
 from config import Config  # noqa: E402
-from custom_models.encoders import ENCODER_NAMES, build_encoder  # noqa: E402
-from custom_models.flow import build_decoder, condition_fibers, flatten_fibers, positional_encoding_2d  # noqa: E402
+from custom_models.encoders import ENCODER_NAMES, Encoder, build_encoder  # noqa: E402
+from custom_models.flow import (build_decoder, condition_fibers, flatten_fibers,  # noqa: E402
+                                positional_encoding_2d)
 from utils.io import write_json  # noqa: E402
+from utils.schedule import learning_rate  # noqa: E402
 
 IMPLEMENTATIONS = ('original', 'ours')
 PRECISIONS = ('fp32', 'bf16')
@@ -55,6 +60,11 @@ DEFECT_KINDS = ('rect', 'blob')
 FIELDS = ('train_images_per_s', 'train_s', 'test_images_per_s', 'test_forward_s', 'eval_s', 'aupro_s',
           'aupro_cflow_s', 'scoring_s', 'peak_rss_mb', 'peak_cuda_mb')
 METRICS = ('image_auroc', 'pixel_auroc', 'aupro_cflow')
+LEGEND = ('\nRatios compare ours with the original-style fp32 row of the same encoder: '
+          'images/s ours / original, eval original s / ours s, RSS ours / original. '
+          'Ours\' eval includes the per-defect-type metrics '
+          '(both AUPRO variants again per type); the original-style aupro_cflow column is its DFR loop. '
+          '|Δ| columns: |ours - original-style| on the same seeded weights, in percentage points.')
 
 
 class SyntheticSet(Dataset):
@@ -107,7 +117,8 @@ def _defect_mask(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     return mask
 
 
-def synthetic_sets(n_train: int, n_test: int, size: int, mean, std, seed: int) -> tuple[SyntheticSet, SyntheticSet]:
+def synthetic_sets(n_train: int, n_test: int, size: int, mean, std,
+                   seed: int) -> tuple[SyntheticSet, SyntheticSet]:
     """Seeded training set (normal only) and test set (every second image defective), normalised."""
     rng = np.random.default_rng(seed)
     train_images = _textures(rng, n_train, size)
@@ -129,6 +140,24 @@ def synthetic_sets(n_train: int, n_test: int, size: int, mean, std, seed: int) -
                              ['good'] * n_train, 'train')
     test_set = SyntheticSet((test_images - m) / s, test_masks, kinds, 'test')
     return train_set, test_set
+
+
+def calibrate_batchnorm(encoder: Encoder, images: Tensor) -> None:
+    """Set every BatchNorm's running statistics to those of ``images`` (B, 3, S, S).
+
+    A randomly initialised encoder otherwise gives features that grow with depth by orders of magnitude;
+    with calibrated statistics they have the scale of a trained network's, so the flows and the metrics
+    work on ordinary values. Deterministic, and the same for both implementations.
+    """
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one batch gives exactly its statistics
+        m.train()
+    with torch.no_grad():
+        encoder(images)
+    for m in norms:
+        m.eval()
 
 
 def _device(name: str) -> torch.device:
@@ -167,11 +196,20 @@ def _log(tag: str, text: str) -> None:
     print(f'[{tag}] {text}', file=sys.stderr, flush=True)
 
 
-def measure(impl: str, encoder_name: str, precision: str, args: argparse.Namespace) -> dict:
-    """Evaluate, then train one pass, with one implementation; returns timings, metrics and peak memory."""
-    torch.set_num_threads(os.cpu_count() or 1)
+@dataclass
+class Setup:
+    """Everything one measurement works on."""
+    cfg: Config
+    device: torch.device
+    encoder: Encoder
+    decoders: list
+    train_loader: DataLoader
+    test_loader: DataLoader
+
+
+def _setup(impl: str, encoder_name: str, precision: str, args: argparse.Namespace) -> Setup:
+    """Seeded encoder, decoders and loaders; both implementations get identical weights and data."""
     device = _device(args.device)
-    tag = f'{impl} {encoder_name} {precision}'
     cfg = Config(enc_arch=encoder_name, input_size=args.input_size, batch_size=args.batch_size,
                  precision=precision, pro=True, progress=False, workers=0, meta_epochs=1, sub_epochs=1,
                  seed=args.seed, encoder_weights='none', no_cuda=device.type != 'cuda')
@@ -180,50 +218,86 @@ def measure(impl: str, encoder_name: str, precision: str, args: argparse.Namespa
     else:
         _seed(cfg.seed)
     encoder = build_encoder(encoder_name, cfg.pool_layers, 'none').to(device)
-    decoders = [build_decoder(cfg.dec_arch, ch, cfg.condition_dim, cfg.coupling_blocks, cfg.clamp_alpha).to(device)
-                for ch in encoder.channels]
+    decoders = [build_decoder(cfg.dec_arch, ch, cfg.condition_dim, cfg.coupling_blocks, cfg.clamp_alpha)
+                .to(device) for ch in encoder.channels]
     train_set, test_set = synthetic_sets(args.train_images, args.test_images, cfg.input_size, encoder.mean,
                                          encoder.std, cfg.seed)
     train_loader = DataLoader(train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True,
-                              drop_last=True, num_workers=0, generator=torch.Generator().manual_seed(cfg.seed))
+                              drop_last=True, num_workers=0,
+                              generator=torch.Generator().manual_seed(cfg.seed))
     test_loader = DataLoader(test_set, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
-    _warm_up(encoder, decoders, test_set, cfg, device)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    _log(tag, f'evaluating {len(test_set)} test images')
-    if impl == 'ours':
-        positions = train.PositionCache(cfg.condition_dim, device)
-        ev = train.evaluate(cfg, encoder, decoders, test_loader, positions, device, None)
-        metrics, timing = ev.metrics, dict(ev.timing)
-        optimizer = train.make_optimizer(decoders, cfg.lr)
-        state = train.TrainState()
-        _log(tag, f'evaluation {timing["eval_s"]:.1f} s; training on {len(train_set)} images')
-        start = time.perf_counter()
-        loss = train.train_meta_epoch(cfg, 0, encoder, decoders, optimizer, train_loader, positions, device, state)
-        _sync(device)
-        train_s, train_images = time.perf_counter() - start, state.train_images
-    else:
-        metrics, timing = original_style.evaluate(encoder, decoders, test_loader, cfg.condition_dim,
-                                                  cfg.input_size, device, pro=True)
-        optimizer = original_style.make_optimizer(decoders, cfg.lr)
-        _log(tag, f'evaluation {timing["eval_s"]:.1f} s; training on {len(train_set)} images')
-        loss, train_images, train_s = original_style.train_pass(encoder, decoders, optimizer, train_loader,
-                                                                cfg.condition_dim, device)
+    calibrate_batchnorm(encoder, train_set.images[:8].to(device))
+    return Setup(cfg, device, encoder, decoders, train_loader, test_loader)
+
+
+def _run_ours(s: Setup, tag: str) -> tuple[dict, dict, float, int, float]:
+    """``train.evaluate``, then one ``train.train_meta_epoch`` of one sub-epoch.
+
+    Returns:
+        metrics (percent), timing (seconds), training loss, training images, training seconds.
+    """
+    positions = train.PositionCache(s.cfg.condition_dim, s.device)
+    ev = train.evaluate(s.cfg, s.encoder, s.decoders, s.test_loader, positions, s.device, None)
+    optimizer = train.make_optimizer(s.decoders, s.cfg.lr)
+    state = train.TrainState()
+    _log(tag, f'evaluation {ev.timing["eval_s"]:.1f} s; training on {len(s.train_loader.dataset)} images')
+    start = time.perf_counter()
+    loss = train.train_meta_epoch(s.cfg, 0, s.encoder, s.decoders, optimizer, s.train_loader, positions,
+                                  s.device, state)
+    _sync(s.device)
+    return ev.metrics, dict(ev.timing), loss, state.train_images, time.perf_counter() - start
+
+
+def _run_original(s: Setup, tag: str) -> tuple[dict, dict, float, int, float]:
+    """The original-style evaluation, then one original-style training pass (same learning rates as ours).
+
+    Returns as :func:`_run_ours`.
+    """
+    metrics, timing = original_style.evaluate(s.encoder, s.decoders, s.test_loader, s.cfg.condition_dim,
+                                              s.cfg.input_size, s.device, pro=True)
+    optimizer = original_style.make_optimizer(s.decoders, s.cfg.lr)
+    _log(tag, f'evaluation {timing["eval_s"]:.1f} s; training on {len(s.train_loader.dataset)} images')
+    batches = len(s.train_loader) * s.cfg.sub_epochs
+    cfg = s.cfg
+
+    def lr_at(i: int) -> float:
+        return learning_rate(cfg.lr, 0, i, batches, cfg.meta_epochs, cfg.lr_warm_epochs, cfg.lr_decay_rate)
+
+    loss, images, seconds = original_style.train_pass(s.encoder, s.decoders, optimizer, s.train_loader,
+                                                      cfg.condition_dim, s.device, lr_at)
+    return metrics, timing, loss, images, seconds
+
+
+def measure(impl: str, encoder_name: str, precision: str, args: argparse.Namespace) -> dict:
+    """Evaluate, then train one pass, with one implementation; returns timings, metrics and peak memory."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    warnings.filterwarnings('ignore', message='Soft permutation will take a very long time')
+    tag = f'{impl} {encoder_name} {precision}'
+    s = _setup(impl, encoder_name, precision, args)
+    _warm_up(s.encoder, s.decoders, s.test_loader.dataset, s.cfg, s.device)
+    if s.device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(s.device)
+    _log(tag, f'evaluating {len(s.test_loader.dataset)} test images')
+    run = _run_ours if impl == 'ours' else _run_original
+    metrics, timing, loss, train_images, train_s = run(s, tag)
     _log(tag, f'training {train_images} images in {train_s:.1f} s (loss {loss:.4f})')
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu x{torch.get_num_threads()}'
-    return {'impl': impl, 'encoder': encoder_name, 'precision': precision, 'device_name': name,
+    cuda = s.device.type == 'cuda'
+    device_name = torch.cuda.get_device_name(s.device) if cuda else f'cpu x{torch.get_num_threads()}'
+    return {'impl': impl, 'encoder': encoder_name, 'precision': precision, 'device_name': device_name,
             'train_images': train_images, 'train_s': train_s,
             'train_images_per_s': train_images / train_s if train_s > 0 else None,
             'test_images_per_s': timing['test_images_per_s'], 'test_forward_s': timing['test_forward_s'],
             'eval_s': timing['eval_s'], 'scoring_s': timing['scoring_s'], 'aupro_s': timing['aupro_s'],
-            'aupro_cflow_s': timing['aupro_cflow_s'], 'train_loss': loss,
-            'peak_rss_mb': train.peak_rss_mb(),
-            'peak_cuda_mb': torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda' else None,
+            'aupro_cflow_s': timing['aupro_cflow_s'], 'train_loss': loss, 'peak_rss_mb': train.peak_rss_mb(),
+            'peak_cuda_mb': torch.cuda.max_memory_allocated(s.device) / 2 ** 20 if cuda else None,
             'metrics': {k: metrics.get(k) for k in ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')}}
 
 
-def run_child(impl: str, encoder_name: str, precision: str, args: argparse.Namespace, argv: list[str]) -> dict:
-    """Run :func:`measure` in a fresh Python process; stderr streams through, stdout's last line is the JSON."""
+def run_child(impl: str, encoder_name: str, precision: str, argv: list[str]) -> dict:
+    """Run :func:`measure` in a fresh Python process.
+
+    Its stderr streams through; the last line of its stdout is the JSON result.
+    """
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, '--child', impl, encoder_name, precision]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -291,15 +365,16 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         if not r['runs']:
-            lines.append(f'| {r["encoder"]} | {r["precision"]} | {r["impl"]} | failed: {"; ".join(r["errors"])} |'
-                         + ' |' * (len(head) - 4))
+            failed = [r['encoder'], r['precision'], r['impl'], 'failed: ' + '; '.join(r['errors'])]
+            lines.append('| ' + ' | '.join(failed + [''] * (len(head) - len(failed))) + ' |')
             continue
         q = r['ratios'] or {}
         diff = (q.get('metric_abs_diff') or {}).get('aupro_cflow')
         aupro_cflow = _fmt(r['aupro_cflow_s'], 1) + (' (DFR)' if r['impl'] == 'original' else '')
         cells = [r['encoder'], r['precision'], r['impl'], _fmt(r['train_images_per_s']),
                  _fmt(r['test_images_per_s']), _fmt(r['eval_s'], 1), _fmt(r['aupro_s'], 2), aupro_cflow,
-                 _fmt(r['scoring_s'], 2), _fmt(r['peak_rss_mb'], 0), _fmt(q.get('train_images_per_s'), 2, '×'),
+                 _fmt(r['scoring_s'], 2), _fmt(r['peak_rss_mb'], 0),
+                 _fmt(q.get('train_images_per_s'), 2, '×'),
                  _fmt(q.get('test_images_per_s'), 2, '×'), _fmt(q.get('eval_s'), 2, '×'),
                  _fmt(q.get('peak_rss_mb'), 2, '×'), _fmt(q.get('max_auroc_abs_diff'), 4), _fmt(diff, 4)]
         lines.append('| ' + ' | '.join(cells) + ' |')
@@ -328,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
                    help='auto: CUDA when available, else the CPU')
     p.add_argument('--seed', type=int, default=0, help='seed of data, encoders and decoders')
-    p.add_argument('--out', default=None, metavar='FILE.json', help='also write all runs and the summary here')
+    p.add_argument('--out', default=None, metavar='FILE.json',
+                   help='also write all runs and the summary here')
     p.add_argument('--child', nargs=3, default=None, metavar=('IMPL', 'ENCODER', 'PRECISION'),
                    help=argparse.SUPPRESS)
     return p
@@ -342,6 +418,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f'--{name.replace("_", "-")} must be at least 1')
     if args.test_images < 2:
         p.error('--test-images must be at least 2 (one normal and one defective image)')
+    if args.child is not None and (args.child[0] not in IMPLEMENTATIONS or args.child[1] not in ENCODER_NAMES
+                                   or args.child[2] not in PRECISIONS):
+        p.error(f'--child takes one of {IMPLEMENTATIONS}, an encoder name and one of {PRECISIONS}')
     if args.input_size < 32:
         p.error('--input-size must be at least 32 pixels')
     coarse = math.ceil(args.input_size / 32) ** 2 * min(args.batch_size, args.train_images)
@@ -367,21 +446,18 @@ def main(argv: list[str] | None = None) -> int:
     total = len(plan) * args.repeats
     for r in range(args.repeats):
         for i, (impl, enc, prec) in enumerate(plan):
-            print(f'== run {r * len(plan) + i + 1}/{total}: {impl} {enc} {prec} (repeat {r + 1})', file=sys.stderr,
-                  flush=True)
-            runs.append(run_child(impl, enc, prec, args, argv))
+            print(f'== run {r * len(plan) + i + 1}/{total}: {impl} {enc} {prec} (repeat {r + 1})',
+                  file=sys.stderr, flush=True)
+            runs.append(run_child(impl, enc, prec, argv))
     rows = summarise(runs)
     info = machine_info(args)
     names = sorted({r['device_name'] for r in runs if r.get('device_name')})
-    print(f'{info["processor"]}, {info["cpu_count"]} CPUs, torch {info["torch"]}, device {", ".join(names) or "–"}; '
-          f'input {args.input_size}, '
+    print(f'{info["processor"]}, {info["cpu_count"]} CPUs, torch {info["torch"]}, '
+          f'device {", ".join(names) or "–"}; input {args.input_size}, '
           f'{args.train_images} train / {args.test_images} test images, batch {args.batch_size}, '
           f'median of {args.repeats}')
     print(markdown_table(rows))
-    print('\nRatios compare ours with the original-style fp32 row of the same encoder: images/s ours / original, '
-          'eval original s / ours s, RSS ours / original. Ours\' eval includes the per-defect-type metrics '
-          '(both AUPRO variants again per type); the original-style aupro_cflow column is its DFR loop. '
-          '|Δ| columns: metrics of ours minus original-style on the same seeded weights, in percentage points.')
+    print(LEGEND)
     if args.out:
         write_json(args.out, {'settings': {k: v for k, v in vars(args).items() if k != 'child'},
                               'machine': info, 'rows': rows, 'runs': runs})
