@@ -147,7 +147,9 @@ def results_table(last: dict, best: dict) -> str:
         b = best.get(name)
         epoch = best['epoch'].get(name)
         b_txt = f'{format_metric(b)} (epoch {epoch})' if b is not None else '–'
-        lines.append(f'| {label} | {format_metric(last.get(name))} (epoch {last["epoch"]}) | {b_txt} |')
+        value = last.get(name)
+        l_txt = f'{format_metric(value)} (epoch {last["epoch"]})' if value is not None else '–'
+        lines.append(f'| {label} | {l_txt} | {b_txt} |')
     return '\n'.join(lines)
 
 
@@ -298,10 +300,10 @@ def run_one(cfg: Config) -> dict:
         print(f'Saving weights to {paths["weights"]}', flush=True)
     if ev is None:  # resumed a finished run: score the final model once for maps and timings
         ev = evaluate(cfg, encoder, decoders, test_loader, positions, device, score_maxima())
-    return finish(cfg, paths, state, best, ev, test_set, mean, std, ckpt)
+    return finish(cfg, paths, state, best, ev, train_set, test_set, mean, std, ckpt)
 
 
-def finish(cfg: Config, paths: dict, state: TrainState, best: BestTracker, ev, test_set, mean, std,
+def finish(cfg: Config, paths: dict, state: TrainState, best: BestTracker, ev, train_set, test_set, mean, std,
            ckpt: dict | None) -> dict:
     """Print and write the results of a finished run (and figures / maps when asked for)."""
     last = {'epoch': state.history[-1]['epoch'], **{k: state.history[-1].get(k) for k in METRIC_NAMES}}
@@ -314,7 +316,7 @@ def finish(cfg: Config, paths: dict, state: TrainState, best: BestTracker, ev, t
               'dataset': cfg.dataset, 'class_name': cfg.class_name, 'run': cfg.run_name,
               'config': cfg.to_dict(), 'last': last, 'best': best.as_dict(), 'history': state.history,
               'per_defect': ev.per_defect, 'timing': timing,
-              'n_test': int(len(ev.labels)), 'n_test_anomalous': int(ev.labels.sum()),
+              'n_train': len(train_set), 'n_test': int(len(ev.labels)), 'n_test_anomalous': int(ev.labels.sum()),
               'n_missing_masks': int(test_set.n_missing_masks),
               'mask_threshold': 'mask > 127' if cfg.dataset == 'mtd' else 'mask > 0',
               'checkpoint': cfg.checkpoint if ckpt is not None else str(paths['weights'])}
@@ -345,7 +347,7 @@ def run_all(cfg: Config) -> int:
     classes = list_classes(cfg.dataset, root)
     if not classes:
         raise UserError(f'no classes found under {root}; pass --data-path with a folder in {cfg.dataset} layout')
-    written = []
+    written, failed = [], []
     for class_name in classes:
         inp = cfg.input_size if cfg.input_size_given or cfg.dataset != 'mvtec' else \
             PAPER_INPUT_SIZE.get(class_name, cfg.input_size)
@@ -362,12 +364,17 @@ def run_all(cfg: Config) -> int:
                                   'action_type': one.action_type, 'dataset': one.dataset,
                                   'class_name': class_name, 'run': run_id, 'config': one.to_dict(),
                                   'last': None, 'best': None})
+                failed.append(f'{class_name} run {run_id}')
             written.append(path)
     rows = build_table(load_results([str(p) for p in written]))
     prefix = Path(cfg.output_dir) / 'results' / f'table_{cfg.dataset}_{cfg.enc_arch}_{cfg.dec_arch}'
     write_table(rows, str(prefix) + '.md', str(prefix) + '.csv')
     print('\n' + format_markdown(rows), flush=True)
     print(f'\nTable written to {prefix}.md and {prefix}.csv', flush=True)
+    if failed:
+        print(f'error: {len(failed)} of {len(written)} runs failed ({", ".join(failed)}); '
+              'their reasons are above and in their results files', file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
