@@ -40,11 +40,9 @@ DEFAULT_DATA = REPO.parent / 'shared' / 'data' / 'magnetic_tile'
 RECIPE = {'input_size': 256, 'meta_epochs': 4, 'sub_epochs': 2, 'pool_layers': 3, 'coupling_blocks': 8}
 
 CANDIDATES = [
-    {'input_size': 192, 'meta_epochs': 3, 'sub_epochs': 2, 'pool_layers': 3, 'coupling_blocks': 8},
-    {'input_size': 256, 'meta_epochs': 3, 'sub_epochs': 2, 'pool_layers': 3, 'coupling_blocks': 8},
-    {'input_size': 256, 'meta_epochs': 3, 'sub_epochs': 2, 'pool_layers': 2, 'coupling_blocks': 8},
+    {'input_size': 256, 'meta_epochs': 4, 'sub_epochs': 2, 'pool_layers': 3, 'coupling_blocks': 8},
+    {'input_size': 256, 'meta_epochs': 8, 'sub_epochs': 2, 'pool_layers': 3, 'coupling_blocks': 8},
 ]
-
 
 def recipe_args(recipe: dict) -> list[str]:
     return ['-inp', str(recipe['input_size']), '--meta-epochs', str(recipe['meta_epochs']),

@@ -105,12 +105,18 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """Feature maps of a normalised batch.
 
+        The convolutions run in channels-last memory layout (faster on CPUs and GPUs; the values are those of
+        the contiguous layout up to float rounding), so the returned maps are channels-last too.
+
         Args:
             x: B x 3 x H x W normalised images.
 
         Returns:
             L tensors B x C_l x H/s_l x W/s_l (C_l = ``channels[l]``, s_l = ``strides[l]``).
         """
+        return self._features(x.contiguous(memory_format=torch.channels_last))
+
+    def _features(self, x: Tensor) -> list[Tensor]:
         raise NotImplementedError
 
     def train(self, mode: bool = True) -> Encoder:
@@ -129,7 +135,7 @@ class Encoder(nn.Module):
 class _ResNetEncoder(Encoder):
     """Full outputs of ``layer2``/``layer3``/``layer4`` of a reflect-padded torchvision ResNet."""
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def _features(self, x: Tensor) -> list[Tensor]:
         net = self.backbone
         x = net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))
         features = []
@@ -152,7 +158,7 @@ class _MobileNetV3Encoder(Encoder):
         """The 1x1 projection Conv2d of ``features[block_index]`` (first module of the block's last part)."""
         return self.backbone.features[block_index].block[-1][0]
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def _features(self, x: Tensor) -> list[Tensor]:
         features: list[Tensor] = []
 
         def keep(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
@@ -171,7 +177,7 @@ class _MobileNetV3Encoder(Encoder):
 class _EfficientNetLiteEncoder(Encoder):
     """Stage outputs of timm's ``tf_efficientnet_lite0`` at strides 8/16/32 (blocks 4, 10, 15)."""
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def _features(self, x: Tensor) -> list[Tensor]:
         return list(self.backbone(x))
 
 
@@ -197,7 +203,7 @@ def build_encoder(name: str, pool_layers: int, weights: str = 'default') -> Enco
         sd = _default_state_dict(name) if weights == 'default' else _read_state_dict_file(Path(weights))
         encoder.load_backbone_state_dict(_adapt_full_state_dict(name, sd))
     encoder.requires_grad_(False)
-    return encoder.eval()
+    return encoder.to(memory_format=torch.channels_last).eval()
 
 
 def encoder_weights_help(name: str) -> str:

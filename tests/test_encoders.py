@@ -332,8 +332,8 @@ def test_lite0_default_encoder_matches_the_pretrained_classifier(lite0_classifie
             if i in (2, 4, 6):
                 expected.append(h)
     assert [tuple(f.shape) for f in got] == [(1, 40, 16, 16), (1, 112, 8, 8), (1, 320, 4, 4)]
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e)
+    for g, e in zip(got, expected, strict=True):  # channels-last convolutions: equal up to float rounding
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
 def test_lite0_local_files_with_pip_or_timm_key_names(lite0_classifier, tmp_path):
