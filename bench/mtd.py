@@ -12,7 +12,15 @@ Recipe selection (``--select``) never looks at the test split: the 761 training 
 with ``mtd_validation_split`` (every 5th to validation); candidates are trained on the rest and scored on
 the validation images plus copies of them with synthetic defects (dark blobs like blowholes, thin dark
 cracks, bright scuffs) whose masks are exact. The candidate with the best mean of validation image and
-pixel AUROC (last epoch) becomes the recipe.
+pixel AUROC (last epoch) becomes the recipe. Input size 256 (close to the median image size, 270 x 324),
+all three scales and K = 8 were fixed beforehand; the candidates differ in training length. Selection
+(seed 0, 608 fit / 153 validation images, 2 CPU cores):
+
+    meta x sub epochs | val image AUROC | val pixel AUROC
+    4 x 2             | 99.71           | 99.56
+    8 x 2             | 99.79           | 99.58   <- selected
+
+The synthetic defects are easier than the real ones, so the margin between the candidates is small.
 """
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ from utils.errors import UserError  # noqa: E402
 DEFAULT_DATA = REPO.parent / 'shared' / 'data' / 'magnetic_tile'
 
 # The recipe chosen with --select (see the module docstring and README): input size, epochs, layers.
-RECIPE = {'input_size': 256, 'meta_epochs': 4, 'sub_epochs': 2, 'pool_layers': 3, 'coupling_blocks': 8}
+RECIPE = {'input_size': 256, 'meta_epochs': 8, 'sub_epochs': 2, 'pool_layers': 3, 'coupling_blocks': 8}
 
 CANDIDATES = [
     {'input_size': 256, 'meta_epochs': 4, 'sub_epochs': 2, 'pool_layers': 3, 'coupling_blocks': 8},
