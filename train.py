@@ -49,6 +49,9 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+TEST_ENCODER_CHUNK = 8  # images per encoder call at test time
+
+
 class PositionCache:
     """Positional encodings per feature-map shape, built once and kept on the device."""
 
@@ -189,30 +192,32 @@ def infer_log_probs(cfg: Config, encoder: Encoder, decoders, loader: DataLoader,
     with torch.no_grad():
         for image, label, mask, mask_valid in tqdm(loader, desc=desc, leave=False, disable=not cfg.progress,
                                                    unit='batch'):
-            b = image.shape[0]
-            labels[offset:offset + b] = label.numpy()
-            valid[offset:offset + b] = mask_valid.numpy()
+            n = image.shape[0]
+            labels[offset:offset + n] = label.numpy()
+            valid[offset:offset + n] = mask_valid.numpy()
             if masks is not None:
-                masks[offset:offset + b] = mask[:, 0].numpy() > 0.5
-            with autocast(device, cfg.precision):
-                features = encoder(image.to(device, non_blocking=True))
-            if log_probs is None:
-                log_probs = [torch.empty(n_images, f.shape[2], f.shape[3]) for f in features]
-            for layer, (decoder, feat) in enumerate(zip(decoders, features)):
-                grid = feat.shape[2] * feat.shape[3]
-                if tables[layer] is None:
-                    tables[layer] = condition_tables(decoder, positions(feat.shape[2], feat.shape[3]))
-                fibers = flatten_fibers(feat.float())
-                out = torch.empty(fibers.shape[0], device=device)
-                step = max(1, cfg.test_fiber_batch // grid) * grid  # whole images per decoder call
-                for s in range(0, fibers.shape[0], step):
-                    sl = slice(s, s + step)
-                    with autocast(device, cfg.precision):
-                        out[sl] = grid_log_prob(decoder, fibers[sl], tables[layer])
-                loss_sum += float(fiber_loss(out).sum())
-                loss_count += out.numel()
-                log_probs[layer][offset:offset + b] = out.view(b, feat.shape[2], feat.shape[3]).cpu()
-            offset += b
+                masks[offset:offset + n] = mask[:, 0].numpy() > 0.5
+            for chunk in image.split(TEST_ENCODER_CHUNK):  # bounds the encoder's activation memory
+                b = chunk.shape[0]
+                with autocast(device, cfg.precision):
+                    features = encoder(chunk.to(device, non_blocking=True))
+                if log_probs is None:
+                    log_probs = [torch.empty(n_images, f.shape[2], f.shape[3]) for f in features]
+                for layer, (decoder, feat) in enumerate(zip(decoders, features)):
+                    grid = feat.shape[2] * feat.shape[3]
+                    if tables[layer] is None:
+                        tables[layer] = condition_tables(decoder, positions(feat.shape[2], feat.shape[3]))
+                    fibers = flatten_fibers(feat.float())
+                    out = torch.empty(fibers.shape[0], device=device)
+                    step = max(1, cfg.test_fiber_batch // grid) * grid  # whole images per decoder call
+                    for s in range(0, fibers.shape[0], step):
+                        sl = slice(s, s + step)
+                        with autocast(device, cfg.precision):
+                            out[sl] = grid_log_prob(decoder, fibers[sl], tables[layer])
+                    loss_sum += float(fiber_loss(out).sum())
+                    loss_count += out.numel()
+                    log_probs[layer][offset:offset + b] = out.view(b, feat.shape[2], feat.shape[3]).cpu()
+                offset += b
     if device.type == 'cuda':
         torch.cuda.synchronize()
     return EvalOutput(log_probs=log_probs, labels=labels, masks=masks, mask_valid=valid,
