@@ -172,6 +172,22 @@ class EvalOutput:
     forward_s: float
 
 
+def _feature_log_probs(cfg: Config, decoder, feat: Tensor, table: list[Tensor] | None,
+                       device: torch.device) -> Tensor:
+    """Per-dimension log-likelihood of every fiber of one scale's feature maps (B x C x H x W), in
+    (b, h, w) order; whole images go through the decoder at once, ``--test-fiber-batch`` fibers or one
+    image per call, whichever is more."""
+    grid = feat.shape[2] * feat.shape[3]
+    fibers = flatten_fibers(feat.float())
+    out = torch.empty(fibers.shape[0], device=device)
+    step = max(1, cfg.test_fiber_batch // grid) * grid
+    for s in range(0, fibers.shape[0], step):
+        sl = slice(s, s + step)
+        with autocast(device, cfg.precision):
+            out[sl] = grid_log_prob(decoder, fibers[sl], table)
+    return out
+
+
 def infer_log_probs(cfg: Config, encoder: Encoder, decoders, loader: DataLoader, positions: PositionCache,
                     device: torch.device, collect_masks: bool, desc: str) -> EvalOutput:
     """Per-dimension log-likelihood of every fiber of every image, without grad.
@@ -204,16 +220,9 @@ def infer_log_probs(cfg: Config, encoder: Encoder, decoders, loader: DataLoader,
                 if log_probs is None:
                     log_probs = [torch.empty(n_images, f.shape[2], f.shape[3]) for f in features]
                 for layer, (decoder, feat) in enumerate(zip(decoders, features)):
-                    grid = feat.shape[2] * feat.shape[3]
                     if tables[layer] is None:
                         tables[layer] = condition_tables(decoder, positions(feat.shape[2], feat.shape[3]))
-                    fibers = flatten_fibers(feat.float())
-                    out = torch.empty(fibers.shape[0], device=device)
-                    step = max(1, cfg.test_fiber_batch // grid) * grid  # whole images per decoder call
-                    for s in range(0, fibers.shape[0], step):
-                        sl = slice(s, s + step)
-                        with autocast(device, cfg.precision):
-                            out[sl] = grid_log_prob(decoder, fibers[sl], tables[layer])
+                    out = _feature_log_probs(cfg, decoder, feat, tables[layer], device)
                     loss_sum += float(fiber_loss(out).sum())
                     loss_count += out.numel()
                     log_probs[layer][offset:offset + b] = out.view(b, feat.shape[2], feat.shape[3]).cpu()

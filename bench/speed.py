@@ -35,6 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -204,6 +205,7 @@ class Setup:
     cfg: Config
     device: torch.device
     encoder: Encoder
+    features: Callable[[Tensor], list[Tensor]]  # the encoder call this implementation makes
     decoders: list
     train_loader: DataLoader
     test_loader: DataLoader
@@ -229,9 +231,11 @@ def _setup(impl: str, encoder_name: str, precision: str, args: argparse.Namespac
                               generator=torch.Generator().manual_seed(cfg.seed))
     test_loader = DataLoader(test_set, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
     calibrate_batchnorm(encoder, train_set.images[:8].to(device))
-    if impl == 'original':  # the original's encoder runs in the default (contiguous) memory layout
-        encoder = encoder.to(memory_format=torch.contiguous_format)
-    return Setup(cfg, device, encoder, decoders, train_loader, test_loader)
+    features: Callable[[Tensor], list[Tensor]] = encoder
+    if impl == 'original':  # the original's encoder runs in the default (contiguous) memory layout, without
+        encoder = encoder.to(memory_format=torch.contiguous_format)  # Encoder.forward's channels-last conversion
+        features = encoder._features
+    return Setup(cfg, device, encoder, features, decoders, train_loader, test_loader)
 
 
 def _run_ours(s: Setup, tag: str) -> tuple[dict, dict, float, int, float]:
@@ -258,8 +262,7 @@ def _run_original(s: Setup, tag: str) -> tuple[dict, dict, float, int, float]:
 
     Returns as :func:`_run_ours`.
     """
-    plain = s.encoder._features  # the backbone without the channels-last conversion of Encoder.forward
-    metrics, timing = original_style.evaluate(plain, s.decoders, s.test_loader, s.cfg.condition_dim,
+    metrics, timing = original_style.evaluate(s.features, s.decoders, s.test_loader, s.cfg.condition_dim,
                                               s.cfg.input_size, s.device, pro=True)
     timing['eval_peak_rss_mb'] = train.peak_rss_mb()
     optimizer = original_style.make_optimizer(s.decoders, s.cfg.lr)
@@ -270,7 +273,7 @@ def _run_original(s: Setup, tag: str) -> tuple[dict, dict, float, int, float]:
     def lr_at(i: int) -> float:
         return learning_rate(cfg.lr, 0, i, batches, cfg.meta_epochs, cfg.lr_warm_epochs, cfg.lr_decay_rate)
 
-    loss, images, seconds = original_style.train_pass(plain, s.decoders, optimizer, s.train_loader,
+    loss, images, seconds = original_style.train_pass(s.features, s.decoders, optimizer, s.train_loader,
                                                       cfg.condition_dim, s.device, lr_at)
     return metrics, timing, loss, images, seconds
 
@@ -282,8 +285,7 @@ def measure(impl: str, encoder_name: str, precision: str, args: argparse.Namespa
     tag = f'{impl} {encoder_name} {precision}'
     import_rss = train.peak_rss_mb()  # the floor that the imported libraries alone occupy
     s = _setup(impl, encoder_name, precision, args)
-    _warm_up(s.encoder._features if impl == 'original' else s.encoder, s.decoders, s.test_loader.dataset, s.cfg,
-             s.device)
+    _warm_up(s.features, s.decoders, s.test_loader.dataset, s.cfg, s.device)
     if s.device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(s.device)
     _log(tag, f'evaluating {len(s.test_loader.dataset)} test images')
