@@ -64,7 +64,7 @@ def select_device(cfg: Config) -> torch.device:
 
 def normalisation(cfg: Config, encoder: Encoder) -> tuple[tuple, tuple]:
     """Input mean/std: the encoder's, except STC with torchvision encoders (mean 0.5, std 0.225)."""
-    if cfg.dataset == 'stc' and cfg.enc_arch != 'efficientnet_lite0':
+    if cfg.dataset == 'stc' and not cfg.enc_arch.startswith('efficientnet_lite'):
         return (0.5, 0.5, 0.5), (0.225, 0.225, 0.225)
     return tuple(encoder.mean), tuple(encoder.std)
 

@@ -10,17 +10,22 @@ The data stays where it is (default ``../shared/data/magnetic_tile`` beside the 
 
 Recipe selection (``--select``) never looks at the test split: the 761 training images are split again
 with ``mtd_validation_split`` (every 5th to validation); candidates are trained on the rest and scored on
-the validation images plus copies of them with synthetic defects (dark blobs like blowholes, thin dark
-cracks, bright scuffs) whose masks are exact. The candidate with the best mean of validation image and
-pixel AUROC (last epoch) becomes the recipe. Input size 256 (close to the median image size, 270 x 324),
-all three scales and K = 8 were fixed beforehand; the candidates differ in training length. Selection
-(seed 0, 608 fit / 153 validation images, 2 CPU cores):
+the validation images plus copies of them with one synthetic defect each (``SYNTHETIC_KINDS``: small dark
+holes, thin faint cracks, chipped corners, frayed edge bands, smooth brightness bumps; exact masks). The
+candidate with the best sum of validation image and pixel AUROC (last epoch) is printed as selected.
 
-    meta x sub epochs | val image AUROC | val pixel AUROC
-    4 x 2             | 99.71           | 99.56
-    8 x 2             | 99.79           | 99.58   <- selected
+The recipe in ``RECIPE`` (input 256, all three scales, K = 8, 8 x 2 epochs, efficientnet_lite0) was chosen
+with an earlier, easier validation set (blobs, lines and scuffs only) that saturated: 4 x 2 epochs gave
+99.71 / 99.56, 8 x 2 gave 99.79 / 99.58 validation image / pixel AUROC. The current validation set does
+not saturate (seed 0, 608 fit / 153 validation images, 4 x 2 epochs, 2 CPU cores):
 
-The synthetic defects are easier than the real ones, so the margin between the candidates is small.
+    encoder            | val image | val pixel | per kind image AUROC (blowhole, crack, break, fray, uneven)
+    efficientnet_lite0 | 87.30     | 64.58     | 98.7, 92.4, 96.6, 98.3, 49.7
+    efficientnet_lite2 | 86.07     | 66.16     | 98.4, 89.3, 93.6, 99.3, 49.0
+
+Smooth brightness changes are not detected by either encoder (image and pixel AUROC at chance). The sum
+favours efficientnet_lite2 by 0.35 points, all of it from the uneven kind, which is at chance; on every
+other kind but fray efficientnet_lite0 is as good or better, so the recipe keeps efficientnet_lite0.
 """
 from __future__ import annotations
 
@@ -45,15 +50,19 @@ from utils.errors import UserError  # noqa: E402
 DEFAULT_DATA = REPO.parent / 'shared' / 'data' / 'magnetic_tile'
 
 # The recipe chosen with --select (see the module docstring and README): input size, epochs, layers.
-RECIPE = {'input_size': 256, 'meta_epochs': 8, 'sub_epochs': 2, 'pool_layers': 3, 'coupling_blocks': 8}
+RECIPE = {'encoder': 'efficientnet_lite0', 'input_size': 256, 'meta_epochs': 8, 'sub_epochs': 2, 'pool_layers': 3,
+          'coupling_blocks': 8}
 
 CANDIDATES = [
-    {'input_size': 256, 'meta_epochs': 4, 'sub_epochs': 2, 'pool_layers': 3, 'coupling_blocks': 8},
-    {'input_size': 256, 'meta_epochs': 8, 'sub_epochs': 2, 'pool_layers': 3, 'coupling_blocks': 8},
+    {'encoder': 'efficientnet_lite0', 'input_size': 256, 'meta_epochs': 4, 'sub_epochs': 2, 'pool_layers': 3,
+     'coupling_blocks': 8},
+    {'encoder': 'efficientnet_lite2', 'input_size': 256, 'meta_epochs': 4, 'sub_epochs': 2, 'pool_layers': 3,
+     'coupling_blocks': 8},
 ]
 
+
 def recipe_args(recipe: dict) -> list[str]:
-    return ['-inp', str(recipe['input_size']), '--meta-epochs', str(recipe['meta_epochs']),
+    return ['-enc', recipe['encoder'], '-inp', str(recipe['input_size']), '--meta-epochs', str(recipe['meta_epochs']),
             '--sub-epochs', str(recipe['sub_epochs']), '-pl', str(recipe['pool_layers']),
             '-cb', str(recipe['coupling_blocks'])]
 
@@ -66,35 +75,73 @@ def run_main(args: list[str]) -> None:
         raise SystemExit(f'main.py failed with exit status {proc.returncode}')
 
 
-def synthetic_defect(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
-    """A copy of a grey tile image with one synthetic defect, and its exact boolean mask."""
+SYNTHETIC_KINDS = ('blowhole', 'crack', 'break', 'fray', 'uneven')
+
+
+def synthetic_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """A copy of a grey tile image with one synthetic defect of ``kind``, and its exact boolean mask.
+
+    The kinds imitate the five Magnetic Tile defect types as the dataset describes them (small dark holes,
+    thin cracks, chipped edges, frayed areas, uneven brightness over about a quarter of the tile), with
+    moderate contrast so that validation does not saturate.
+    """
     w, h = image.size
     arr = np.asarray(image.convert('L'), dtype=np.float32)
+    mean = float(arr.mean())
+    side = min(w, h)
     canvas = Image.new('L', (w, h), 0)
     draw = ImageDraw.Draw(canvas)
-    kind = int(rng.integers(3))
-    side = min(w, h)
-    if kind == 0:  # blowhole-like dark blob
-        r = rng.uniform(0.03, 0.07) * side
+    if kind == 'blowhole':  # small dark blob
+        r = rng.uniform(0.02, 0.05) * side
         cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
         draw.ellipse([cx - r, cy - r * rng.uniform(0.6, 1.0), cx + r, cy + r], fill=255)
-        value = 0.25 * arr.mean()
-    else:  # crack-like dark line (kind 1) or bright scuff (kind 2)
-        length = rng.uniform(0.3, 0.6) * side
-        angle = rng.uniform(0, math.pi)
-        cx, cy = rng.uniform(0.3 * w, 0.7 * w), rng.uniform(0.3 * h, 0.7 * h)
-        dx, dy = 0.5 * length * math.cos(angle), 0.5 * length * math.sin(angle)
-        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255,
-                  width=max(2, round(side * (0.012 if kind == 1 else 0.03))))
-        value = 0.3 * arr.mean() if kind == 1 else min(255.0, 1.6 * arr.mean() + 40)
-    mask = np.asarray(canvas) > 0
-    arr[mask] = value
+        mask = np.asarray(canvas) > 0
+        arr[mask] *= rng.uniform(0.4, 0.6)
+    elif kind == 'crack':  # thin dark polyline
+        x, y = rng.uniform(0.2 * w, 0.8 * w), rng.uniform(0.2 * h, 0.8 * h)
+        angle = rng.uniform(0, 2 * math.pi)
+        points = [(x, y)]
+        for _ in range(int(rng.integers(3, 6))):
+            angle += rng.uniform(-0.6, 0.6)
+            step = rng.uniform(0.06, 0.12) * side
+            x = float(np.clip(x + step * math.cos(angle), 0, w - 1))
+            y = float(np.clip(y + step * math.sin(angle), 0, h - 1))
+            points.append((x, y))
+        draw.line(points, fill=255, width=int(rng.integers(1, 3)))
+        mask = np.asarray(canvas) > 0
+        arr[mask] *= rng.uniform(0.5, 0.7)
+    elif kind == 'break':  # a chipped corner or edge: a polygon at the border filled dark
+        r = rng.uniform(0.12, 0.22) * side
+        corner = (float(rng.choice([0, w - 1])), float(rng.choice([0, h - 1])))
+        angles = np.sort(rng.uniform(0, 2 * math.pi, 7))
+        radii = r * rng.uniform(0.6, 1.2, 7)
+        draw.polygon([(corner[0] + q * math.cos(t), corner[1] + q * math.sin(t)) for q, t in zip(radii, angles)],
+                     fill=255)
+        mask = np.asarray(canvas) > 0
+        arr[mask] = rng.uniform(0.15, 0.35) * mean
+    elif kind == 'fray':  # a band at one edge with coarse, noisy texture
+        depth = rng.uniform(0.08, 0.18)
+        edge = int(rng.integers(4))
+        yy, xx = np.mgrid[0:h, 0:w]
+        dist = (xx / w, 1 - xx / w, yy / h, 1 - yy / h)[edge]
+        mask = dist < depth * (1 + 0.3 * np.sin(rng.uniform(4, 9) * (yy / h if edge < 2 else xx / w) * math.pi))
+        noise = rng.normal(0, 0.25 * mean, (h // 4 + 1, w // 4 + 1)).repeat(4, 0).repeat(4, 1)[:h, :w]
+        arr[mask] += noise[mask]
+    else:  # uneven brightness: a smooth multiplicative bump; the mask is where it changes by > 10 %
+        sigma = rng.uniform(0.2, 0.35) * side
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        yy, xx = np.mgrid[0:h, 0:w]
+        bump = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma ** 2))
+        gain = 1 + float(rng.choice([-1, 1])) * rng.uniform(0.25, 0.4) * bump
+        arr *= gain
+        mask = np.abs(gain - 1) > 0.1
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), mask
 
 
 def make_validation_tree(data: Path, out: Path, seed: int = 0) -> Path:
     """MVTec-layout validation tree: train/good = fit images, test/good = validation images,
-    test/synthetic = validation images with synthetic defects (written), ground_truth masks."""
+    test/<kind> = validation images with a synthetic defect of one kind each (written; kinds in turn),
+    ground_truth/<kind> masks."""
     train, _ = mtd_split(data)
     fit, val = mtd_validation_split(train)
     root = out / 'mtd_validation'
@@ -107,13 +154,15 @@ def make_validation_tree(data: Path, out: Path, seed: int = 0) -> Path:
         for p in paths:
             (folder / Path(p).name).symlink_to(Path(p).resolve())
     rng = np.random.default_rng(seed)
-    (cls / 'test' / 'synthetic').mkdir(parents=True)
-    (cls / 'ground_truth' / 'synthetic').mkdir(parents=True)
-    for p in val:
-        img, mask = synthetic_defect(Image.open(p), rng)
+    for kind in SYNTHETIC_KINDS:
+        (cls / 'test' / kind).mkdir(parents=True)
+        (cls / 'ground_truth' / kind).mkdir(parents=True)
+    for i, p in enumerate(val):
+        kind = SYNTHETIC_KINDS[i % len(SYNTHETIC_KINDS)]
+        img, mask = synthetic_defect(Image.open(p), kind, rng)
         stem = Path(p).stem
-        img.save(cls / 'test' / 'synthetic' / f'{stem}.png')
-        Image.fromarray(mask.astype(np.uint8) * 255).save(cls / 'ground_truth' / 'synthetic' / f'{stem}_mask.png')
+        img.save(cls / 'test' / kind / f'{stem}.png')
+        Image.fromarray(mask.astype(np.uint8) * 255).save(cls / 'ground_truth' / kind / f'{stem}_mask.png')
     print(f'validation tree: {len(fit)} fit, {len(val)} validation normal, {len(val)} synthetic defects -> {root}',
           file=sys.stderr)
     return root
@@ -131,12 +180,15 @@ def select(data: Path, out: Path, common: list[str]) -> None:
                   *recipe_args(cand), '--output-dir', str(cand_out)])
         res = json.loads(next((cand_out / 'results').glob('*.json')).read_text())
         rows.append((cand, res['last']['image_auroc'], res['last']['pixel_auroc'], time.perf_counter() - start,
-                     [(h['epoch'], h['image_auroc'], h['pixel_auroc']) for h in res['history']]))
-    print('\n| candidate | val image AUROC | val pixel AUROC | seconds | per epoch (image, pixel) |')
-    print('|---|---|---|---|---|')
-    for cand, img, pix, sec, hist in rows:
+                     [(h['epoch'], h['image_auroc'], h['pixel_auroc']) for h in res['history']],
+                     res['per_defect']))
+    print('\n| candidate | val image AUROC | val pixel AUROC | seconds | per epoch (image, pixel) | '
+          'per kind (image, pixel) |')
+    print('|---|---|---|---|---|---|')
+    for cand, img, pix, sec, hist, kinds in rows:
         per = '; '.join(f'{e}: {a:.1f}, {b:.1f}' for e, a, b in hist)
-        print(f'| {cand} | {img:.2f} | {pix:.2f} | {sec:.0f} | {per} |')
+        per_kind = '; '.join(f'{k}: {m["image_auroc"]:.1f}, {m["pixel_auroc"]:.1f}' for k, m in kinds.items())
+        print(f'| {cand} | {img:.2f} | {pix:.2f} | {sec:.0f} | {per} | {per_kind} |')
     best = max(rows, key=lambda r: r[1] + r[2])
     print(f'\nselected on validation data: {best[0]}')
 
@@ -152,7 +204,7 @@ def benchmark(data: Path, out: Path, common: list[str]) -> None:
     train_s = sum(timing['sub_epoch_s'])
     print('\n| dataset | encoder | image AUROC | pixel AUROC | AUPRO | training time | test images/s | wall time |')
     print('|---|---|---|---|---|---|---|---|')
-    print(f'| Magnetic Tile (mtd) | efficientnet_lite0 | {last["image_auroc"]:.2f} | {last["pixel_auroc"]:.2f} | '
+    print(f'| Magnetic Tile (mtd) | {RECIPE["encoder"]} | {last["image_auroc"]:.2f} | {last["pixel_auroc"]:.2f} | '
           f'{last["aupro"]:.2f} | {train_s / 60:.1f} min | {timing["test_images_per_s"]:.1f} | {wall / 60:.1f} min |')
     print('\nPer defect type (last epoch):\n| defect | images | image AUROC | pixel AUROC | AUPRO |\n|---|---|---|---|---|')
     for name, m in res['per_defect'].items():
@@ -175,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: {data} does not hold the Magnetic Tile data (MT_Free/Imgs); pass --data-path',
               file=sys.stderr)
         return 2
-    common = ['-enc', 'efficientnet_lite0', '--workers', str(args.workers), '--seed', str(args.seed),
+    common = ['--workers', str(args.workers), '--seed', str(args.seed),
               '--precision', args.precision, '--no-cuda']
     out.mkdir(parents=True, exist_ok=True)
     try:

