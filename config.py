@@ -126,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                         'state-dict file')
     n.add_argument('--save-maps', action='store_true',
                    help='write anomaly maps, masks, labels, scores and names to results/<model>_maps.npz')
-    n.add_argument('--score-norm', default='test', choices=('test', 'train'),
-                   help='per-scale normalisation of likelihoods: by the test-set maximum (paper) or by the '
-                        'maximum over the training images (scores single images)')
+    n.add_argument('--score-norm', default='test', choices=('test', 'train', 'position'),
+                   help='how likelihoods become anomaly maps: per-scale normalisation by the test-set maximum '
+                        '(test, the paper), by the maximum over the training images (train; scores single '
+                        'images), or per-position standardisation against the mean and std of the training '
+                        "images' log-likelihood at each position of each scale (position; scores single images)")
     n.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
                    help='bf16 runs encoder and flows under autocast; log-determinants and likelihoods stay fp32')
     n.add_argument('--adam-mode', default='paper', choices=('paper', 'torch2'),

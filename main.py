@@ -20,7 +20,7 @@ from custom_datasets import build_datasets, default_data_path, list_classes
 from custom_models.encoders import Encoder, build_encoder
 from custom_models.flow import build_decoder
 from train import (METRIC_NAMES, BestTracker, PositionCache, TrainState, evaluate, format_metric, make_optimizer,
-                   peak_rss_mb, set_seed, train_maxima, train_meta_epoch)
+                   peak_rss_mb, set_seed, train_meta_epoch, train_reference)
 from utils.checkpoint import load_checkpoint, load_decoders, save_checkpoint
 from utils.errors import UserError
 from utils.io import atomic_write_bytes, atomic_write_text, write_json
@@ -75,6 +75,10 @@ def make_loader(cfg: Config, dataset, train: bool, device: torch.device) -> Data
                       drop_last=train and len(dataset) >= cfg.batch_size, num_workers=cfg.workers,
                       pin_memory=device.type == 'cuda', generator=generator,
                       persistent_workers=False)
+
+
+# checkpoint key of the training-image statistics each --score-norm needs ('test' needs none)
+REFERENCE_KEYS = {'train': 'score_maxima', 'position': 'score_position_stats'}
 
 
 def output_paths(cfg: Config) -> dict[str, Path]:
@@ -253,19 +257,23 @@ def run_one(cfg: Config) -> dict:
         print(f'Resuming after meta-epoch {state.epoch} from {paths["weights"]}', flush=True)
     positions = PositionCache(cfg.condition_dim, device)
     train_eval_set = None
-    maxima = ckpt.get('score_maxima') if ckpt is not None else None
+    reference_key = REFERENCE_KEYS.get(cfg.score_norm)
+    reference = None
+    if ckpt is not None and reference_key and (ckpt.get('config') or {}).get('input_size') == cfg.input_size:
+        reference = ckpt.get(reference_key)  # statistics saved with the model, valid at its input size
 
-    def score_maxima() -> list[float] | None:
-        nonlocal train_eval_set, maxima
-        if cfg.score_norm == 'test':
+    def score_reference() -> list | None:
+        """None for --score-norm test; otherwise the training images' statistics (computed once per model)."""
+        nonlocal train_eval_set, reference
+        if reference_key is None:
             return None
-        if maxima is None:
+        if reference is None:
             if train_eval_set is None:
                 train_eval_set, _ = build_datasets(cfg.dataset, root, cfg.class_name, cfg.input_size, mean, std,
                                                    rotation_deg=0.0)
-            maxima = train_maxima(cfg, encoder, decoders, make_loader(cfg, train_eval_set, False, device),
-                                  positions, device)
-        return maxima
+            reference = train_reference(cfg, encoder, decoders, make_loader(cfg, train_eval_set, False, device),
+                                        positions, device)
+        return reference
 
     if len(train_loader) == 0 and not testing:
         raise UserError('the training set is empty')
@@ -279,8 +287,8 @@ def run_one(cfg: Config) -> dict:
             train_loss = train_meta_epoch(cfg, epoch, encoder, decoders, optimizer, train_loader, positions,
                                           device, state)
             lr = optimizer.param_groups[0]['lr']
-            maxima = None
-        ev = evaluate(cfg, encoder, decoders, test_loader, positions, device, score_maxima())
+            reference = None
+        ev = evaluate(cfg, encoder, decoders, test_loader, positions, device, score_reference())
         epoch_id = ckpt.get('epoch', 0) if testing else epoch
         row = {'epoch': epoch_id, 'train_loss': train_loss, 'lr': lr, 'test_loss': ev.test_loss, **ev.metrics}
         best.update(epoch_id, ev.metrics)
@@ -296,10 +304,10 @@ def run_one(cfg: Config) -> dict:
             'config': cfg.to_dict(), 'epoch': epoch, 'history': state.history,
             'optimizer_state_dict': optimizer.state_dict(), 'rng_state': rng_state(train_loader.generator),
             'sub_epoch_s': state.sub_epoch_s, 'train_images': state.train_images,
-            'train_seconds': state.train_seconds, 'score_maxima': maxima})
+            'train_seconds': state.train_seconds, **({reference_key: reference} if reference_key else {})})
         print(f'Saving weights to {paths["weights"]}', flush=True)
     if ev is None:  # resumed a finished run: score the final model once for maps and timings
-        ev = evaluate(cfg, encoder, decoders, test_loader, positions, device, score_maxima())
+        ev = evaluate(cfg, encoder, decoders, test_loader, positions, device, score_reference())
     return finish(cfg, paths, state, best, ev, train_set, test_set, mean, std, ckpt)
 
 

@@ -20,7 +20,7 @@ from custom_models.flow import (condition_fibers, condition_tables, fiber_log_pr
                                 grid_log_prob, positional_encoding_2d)
 from utils import metrics
 from utils.schedule import cosine_lr, learning_rate
-from utils.scoring import anomaly_maps, image_scores, layer_maxima
+from utils.scoring import anomaly_maps, image_scores, layer_maxima, position_maps, position_stats
 
 METRIC_NAMES = ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')
 
@@ -105,7 +105,8 @@ def train_layer_fibers(decoder, optimizer, fibers: Tensor, conds: Tensor | None,
     """
     n_fibers, width = fibers.shape
     perm = torch.randperm(n_fibers, device=device)
-    total, used = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+    used = 0
     set_to_none = cfg.adam_mode == 'torch2'
     for f in range(n_fibers // fiber_batch):
         idx = perm[f * fiber_batch:(f + 1) * fiber_batch]
@@ -115,9 +116,9 @@ def train_layer_fibers(decoder, optimizer, fibers: Tensor, conds: Tensor | None,
         optimizer.zero_grad(set_to_none=set_to_none)
         loss.mean().backward()
         optimizer.step()
-        total += float(loss.detach().sum())
+        total += loss.detach().sum()
         used += fiber_batch
-    return total, used
+    return float(total), used
 
 
 def train_meta_epoch(cfg: Config, epoch: int, encoder: Encoder, decoders, optimizer, loader: DataLoader,
@@ -286,12 +287,14 @@ class Evaluation:
 
 
 def evaluate(cfg: Config, encoder: Encoder, decoders, test_loader: DataLoader, positions: PositionCache,
-             device: torch.device, norm_maxima: list[float] | None) -> Evaluation:
-    """Score the test set and compute all metrics; timings are measured on the way."""
+             device: torch.device, reference: list | None) -> Evaluation:
+    """Score the test set and compute all metrics; timings are measured on the way.
+
+    ``reference`` comes from :func:`train_reference` (None for ``--score-norm test``)."""
     start = time.perf_counter()
     out = infer_log_probs(cfg, encoder, decoders, test_loader, positions, device, True, 'test')
     t = time.perf_counter()
-    maps = anomaly_maps(out.log_probs, cfg.input_size, norm_maxima)
+    maps = score_maps(cfg.score_norm, out.log_probs, cfg.input_size, reference)
     scores = image_scores(maps).numpy()
     maps_np = maps.numpy()
     timing: dict = {'aupro_s': None, 'aupro_cflow_s': None}
@@ -310,10 +313,23 @@ def evaluate(cfg: Config, encoder: Encoder, decoders, test_loader: DataLoader, p
                       masks=out.masks, labels=out.labels, valid=out.mask_valid, timing=timing)
 
 
-def train_maxima(cfg: Config, encoder: Encoder, decoders, train_eval_loader: DataLoader, positions: PositionCache,
-                 device: torch.device) -> list[float]:
-    """Per-scale maximum log-likelihood over the training images (for ``--score-norm train``)."""
+def score_maps(score_norm: str, log_probs: list[Tensor], out_size: int, reference: list | None) -> Tensor:
+    """Anomaly maps under ``--score-norm``: 'test' and 'train' as :func:`utils.scoring.anomaly_maps` (with
+    the test-set or the given training maxima), 'position' as :func:`utils.scoring.position_maps`."""
+    if score_norm == 'position':
+        if reference is None:
+            raise ValueError("--score-norm position needs the training images' position statistics")
+        return position_maps(log_probs, reference, out_size)
+    return anomaly_maps(log_probs, out_size, None if score_norm == 'test' else reference)
+
+
+def train_reference(cfg: Config, encoder: Encoder, decoders, train_eval_loader: DataLoader,
+                    positions: PositionCache, device: torch.device) -> list:
+    """What ``--score-norm`` needs from the training images (without augmentation): per-scale maxima of the
+    log-likelihood ('train') or its per-position mean and std ('position')."""
     out = infer_log_probs(cfg, encoder, decoders, train_eval_loader, positions, device, False, 'train stats')
+    if cfg.score_norm == 'position':
+        return position_stats(out.log_probs)
     return layer_maxima(out.log_probs)
 
 

@@ -99,6 +99,28 @@ def test_norm_test_reproduces_last_epoch(trained):
     assert test_res['last']['epoch'] == 1
 
 
+def test_position_score_norm_is_saved_and_reused(trained, tmp_path):
+    """--score-norm position: the training statistics are saved with the model and norm-test reproduces the
+    run's figures; the easy defects are still found."""
+    work, out, _ = trained
+    args = [*COMMON, '--data-path', str(work / 'data'), '--meta-epochs', '1', '--sub-epochs', '1',
+            '--score-norm', 'position', '--output-dir', str(tmp_path)]
+    proc = run_main(*args, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = _result(tmp_path)
+    assert res['config']['score_norm'] == 'position'
+    assert res['last']['image_auroc'] >= 90 and res['last']['pixel_auroc'] >= 90, res['last']
+    ckpt_path = tmp_path / 'weights' / (res['model_name'] + '.pt')
+    stats = torch_load(ckpt_path)['score_position_stats']
+    assert sorted(tuple(m.shape) for m, _ in stats) == [(4, 4), (8, 8), (16, 16)]  # strides 32, 16, 8 at 128
+    assert all(m.shape == s.shape and bool((s > 0).all()) for m, s in stats)
+    again = run_main(*args, '--action-type', 'norm-test', '--checkpoint', str(ckpt_path), cwd=work)
+    assert again.returncode == 0, again.stderr[-3000:]
+    tested = _result(tmp_path, '_norm-test')
+    for key in ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow'):
+        assert tested['last'][key] == pytest.approx(res['last'][key], abs=1e-6)
+
+
 def test_interrupted_run_resumes_identically(trained, tmp_path):
     """Ctrl-C after the first meta-epoch, then --resume: the same history as an uninterrupted run."""
     import signal

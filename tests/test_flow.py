@@ -10,7 +10,7 @@ from custom_models.flow import (build_decoder, condition_fibers, decoder_forward
                                 flatten_fibers, log_likelihood, positional_encoding_2d)
 from utils.checkpoint import describe_decoder_state
 from utils.schedule import cosine_lr, learning_rate
-from utils.scoring import anomaly_maps, image_scores
+from utils.scoring import STD_FLOOR, anomaly_maps, image_scores, position_maps, position_stats
 
 
 def test_positional_encoding_layout():
@@ -162,6 +162,51 @@ def test_anomaly_maps_train_norm_is_per_image():
     assert torch.allclose(full[2:3], single)
     # test-set normalisation depends on the other images
     assert not torch.allclose(anomaly_maps(lps, 8)[2:3], anomaly_maps([lp[2:3] for lp in lps], 8))
+
+
+def test_position_stats_against_numpy():
+    rng = np.random.default_rng(0)
+    lp = rng.normal(size=(5, 3, 4)).astype(np.float32)
+    lp[:, 0, 0] = 1.5  # no spread at one position: the floor applies
+    (mean, std), = position_stats([torch.from_numpy(lp)])
+    assert np.allclose(mean.numpy(), lp.mean(axis=0), atol=1e-6)
+    expected = np.maximum(lp.std(axis=0, ddof=0), STD_FLOOR)
+    assert np.allclose(std.numpy(), expected, atol=1e-6)
+    assert std[0, 0] == pytest.approx(STD_FLOOR)
+
+
+def test_position_maps_brute_force_and_per_image():
+    rng = np.random.default_rng(1)
+    train = [rng.normal(size=(6, 4, 4)), rng.normal(size=(6, 2, 2))]
+    test = [rng.normal(size=(3, 4, 4)), rng.normal(size=(3, 2, 2))]
+    stats = position_stats([torch.from_numpy(t).float() for t in train])
+    maps = position_maps([torch.from_numpy(t).float() for t in test], stats, 8)
+    ref = np.zeros((3, 8, 8))
+    for tr_l, te_l in zip(train, test):
+        z = (tr_l.mean(axis=0) - te_l) / np.maximum(tr_l.std(axis=0), STD_FLOOR)
+        for i in range(3):  # one image at a time
+            ref[i] += F.interpolate(torch.from_numpy(z[i])[None, None], size=(8, 8), mode='bilinear',
+                                    align_corners=True)[0, 0].numpy()
+    assert np.allclose(maps.numpy(), ref, atol=1e-4)
+    single = position_maps([torch.from_numpy(t[1:2]).float() for t in test], stats, 8)
+    assert torch.allclose(single, maps[1:2])
+    # a position that is less likely than usual scores higher
+    shifted = [torch.from_numpy(t).float().clone() for t in test]
+    shifted[0][0, 1, 1] -= 10.0
+    assert position_maps(shifted, stats, 8)[0].max() > maps[0].max()
+    with pytest.raises(ValueError):
+        position_maps([torch.zeros(1, 3, 3), torch.zeros(1, 2, 2)], stats, 8)
+
+
+def test_score_maps_dispatch():
+    from train import score_maps
+    lps = [torch.randn(2, 4, 4), torch.randn(2, 2, 2)]
+    assert torch.allclose(score_maps('test', lps, 8, None), anomaly_maps(lps, 8))
+    assert torch.allclose(score_maps('train', lps, 8, [1.0, 2.0]), anomaly_maps(lps, 8, [1.0, 2.0]))
+    stats = position_stats(lps)
+    assert torch.allclose(score_maps('position', lps, 8, stats), position_maps(lps, stats, 8))
+    with pytest.raises(ValueError):
+        score_maps('position', lps, 8, None)
 
 
 def test_grid_inference_equals_fiber_by_fiber():

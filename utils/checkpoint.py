@@ -3,8 +3,9 @@
 A checkpoint is a dict with ``encoder_state_dict`` (the encoder's state dict) and ``decoder_state_dict``
 (a list of FrEIA 0.2 ``SequenceINN`` state dicts, one per scale, finest first), exactly as the original
 writes them. Files written here add ``config``, ``epoch``, ``history``, ``optimizer_state_dict``,
-``rng_state`` and ``score_maxima``; the original code ignores extra keys, and this code reads files
-without them.
+``rng_state`` and, for ``--score-norm train`` or ``position``, the training images' statistics
+(``score_maxima`` or ``score_position_stats``); the original code ignores extra keys, and this code reads
+files without them.
 """
 from __future__ import annotations
 

@@ -44,6 +44,54 @@ def anomaly_maps(log_probs: list[Tensor], out_size: int, norm_maxima: list[float
     return offset - score
 
 
+STD_FLOOR = 1e-3  # floor of a position's standard deviation (per-dimension log-likelihood units)
+
+
+def position_stats(log_probs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """Per scale, the mean and standard deviation over an image set of the log-likelihood at each position.
+
+    Args:
+        log_probs: per scale, (N, H_l, W_l) per-dimension log-likelihoods (typically of the training images).
+    Returns:
+        per scale, ``(mean, std)``, each (H_l, W_l) float32; std is the population std, floored at
+        ``STD_FLOOR`` so that a position with no spread (or a single image) cannot divide by zero.
+    """
+    stats = []
+    for lp in log_probs:
+        x = lp.double()
+        mean = x.mean(dim=0)
+        std = x.std(dim=0, correction=0).clamp_min(STD_FLOOR)
+        stats.append((mean.float(), std.float()))
+    return stats
+
+
+def position_maps(log_probs: list[Tensor], stats: list[tuple[Tensor, Tensor]], out_size: int,
+                  chunk: int = 64) -> Tensor:
+    """Anomaly maps from log-likelihoods standardised per position against reference statistics.
+
+    Per scale l: ``z_l = (mean_l - lp_l) / std_l`` at each position of the scale's grid (``stats`` from
+    :func:`position_stats`, e.g. of the training images), upsampled bilinearly (align_corners=True) to the
+    input size; ``A = sum_l z_l``. Each image's map depends on that image alone.
+
+    Returns:
+        (N, out_size, out_size) float32 anomaly maps; higher is more anomalous.
+    """
+    if len(stats) != len(log_probs):
+        raise ValueError(f'{len(stats)} statistics for {len(log_probs)} scales')
+    for lp, (mean, std) in zip(log_probs, stats):
+        if tuple(mean.shape) != tuple(lp.shape[1:]) or tuple(std.shape) != tuple(lp.shape[1:]):
+            raise ValueError(f'statistics of shape {tuple(mean.shape)} for a {tuple(lp.shape[1:])} grid')
+    n_images = log_probs[0].shape[0]
+    out = torch.zeros(n_images, out_size, out_size, dtype=torch.float32)
+    for start in range(0, n_images, chunk):
+        stop = min(start + chunk, n_images)
+        for lp, (mean, std) in zip(log_probs, stats):
+            z = ((mean.double() - lp[start:stop].double()) / std.double()).unsqueeze(1)
+            up = F.interpolate(z, size=(out_size, out_size), mode='bilinear', align_corners=True)
+            out[start:stop] += up[:, 0].float()
+    return out
+
+
 def image_scores(maps: Tensor) -> Tensor:
     """Image anomaly score = maximum of its anomaly map; maps (N, H, W) -> (N,)."""
     return maps.flatten(1).max(dim=1).values
