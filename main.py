@@ -125,6 +125,9 @@ def print_header(cfg: Config, encoder: Encoder, train_set, test_set, device: tor
           f'strides {encoder.strides}', flush=True)
     print(f'train images: {len(train_set)}, test images: {len(test_set)} '
           f'({int(np.sum(test_set.labels))} anomalous)', flush=True)
+    if cfg.pro and cfg.score_norm == 'position':
+        print('note: --score-norm position gives unbounded maps; the original AUPRO variant (evenly spaced '
+              'thresholds between the maps\' extremes) is not meaningful for them: read the MVTec AUPRO', flush=True)
     if test_set.n_missing_masks:
         print(f'note: {test_set.n_missing_masks} anomalous test image(s) have no mask file; they count for the '
               'image AUROC only', flush=True)

@@ -107,6 +107,7 @@ def test_position_score_norm_is_saved_and_reused(trained, tmp_path):
             '--score-norm', 'position', '--output-dir', str(tmp_path)]
     proc = run_main(*args, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'original AUPRO variant' in proc.stdout
     res = _result(tmp_path)
     assert res['config']['score_norm'] == 'position'
     assert res['last']['image_auroc'] >= 90 and res['last']['pixel_auroc'] >= 90, res['last']
