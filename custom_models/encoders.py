@@ -382,7 +382,7 @@ def _read_state_dict_file(path: Path) -> dict:
 
 
 def _adapt_full_state_dict(name: str, sd: dict) -> dict:
-    """Map a full-model state dict to the backbone layout: rename Lite0 keys, drop classifier keys."""
+    """Map a full-model state dict to the backbone layout: rename EfficientNet-Lite keys, drop classifier keys."""
     if name in LITES:
         sd = rename_efficientnet_lite_keys(sd, LITES[name].stage_sizes)
     head = _HEAD_PREFIXES[name]

@@ -1,6 +1,8 @@
 """From per-scale log-likelihoods to anomaly maps and image scores (pure tensor math)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,6 +11,24 @@ from torch import Tensor
 def layer_maxima(log_probs: list[Tensor]) -> list[float]:
     """Maximum per-dimension log-likelihood of each scale over a whole image set."""
     return [float(lp.max()) for lp in log_probs]
+
+
+def _upsampled_sum(log_probs: list[Tensor], per_scale: Callable[[int, Tensor], Tensor], out_size: int,
+                   chunk: int) -> Tensor:
+    """``sum_l upsample(per_scale(l, lp_l))`` over scales, ``chunk`` images at a time.
+
+    ``per_scale`` turns a float64 (n, H_l, W_l) slice of scale l into per-position values; each is upsampled
+    bilinearly (align_corners=True) to ``out_size`` and the float32 results are summed into (N, S, S).
+    """
+    n_images = log_probs[0].shape[0]
+    out = torch.zeros(n_images, out_size, out_size, dtype=torch.float32)
+    for start in range(0, n_images, chunk):
+        stop = min(start + chunk, n_images)
+        for layer, lp in enumerate(log_probs):
+            values = per_scale(layer, lp[start:stop].double()).unsqueeze(1)
+            up = F.interpolate(values, size=(out_size, out_size), mode='bilinear', align_corners=True)
+            out[start:stop] += up[:, 0].float()
+    return out
 
 
 def anomaly_maps(log_probs: list[Tensor], out_size: int, norm_maxima: list[float] | None = None,
@@ -29,17 +49,10 @@ def anomaly_maps(log_probs: list[Tensor], out_size: int, norm_maxima: list[float
     Returns:
         (N, out_size, out_size) float32 anomaly maps; higher is more anomalous.
     """
-    n_images = log_probs[0].shape[0]
     maxima = layer_maxima(log_probs) if norm_maxima is None else list(norm_maxima)
     if len(maxima) != len(log_probs):
         raise ValueError(f'{len(maxima)} maxima for {len(log_probs)} scales')
-    score = torch.zeros(n_images, out_size, out_size, dtype=torch.float32)
-    for start in range(0, n_images, chunk):
-        stop = min(start + chunk, n_images)
-        for lp, m in zip(log_probs, maxima):
-            q = torch.exp(lp[start:stop].double() - m).unsqueeze(1)
-            up = F.interpolate(q, size=(out_size, out_size), mode='bilinear', align_corners=True)
-            score[start:stop] += up[:, 0].float()
+    score = _upsampled_sum(log_probs, lambda layer, lp: torch.exp(lp - maxima[layer]), out_size, chunk)
     offset = float(score.max()) if norm_maxima is None else float(len(log_probs))
     return offset - score
 
@@ -81,15 +94,8 @@ def position_maps(log_probs: list[Tensor], stats: list[tuple[Tensor, Tensor]], o
     for lp, (mean, std) in zip(log_probs, stats):
         if tuple(mean.shape) != tuple(lp.shape[1:]) or tuple(std.shape) != tuple(lp.shape[1:]):
             raise ValueError(f'statistics of shape {tuple(mean.shape)} for a {tuple(lp.shape[1:])} grid')
-    n_images = log_probs[0].shape[0]
-    out = torch.zeros(n_images, out_size, out_size, dtype=torch.float32)
-    for start in range(0, n_images, chunk):
-        stop = min(start + chunk, n_images)
-        for lp, (mean, std) in zip(log_probs, stats):
-            z = ((mean.double() - lp[start:stop].double()) / std.double()).unsqueeze(1)
-            up = F.interpolate(z, size=(out_size, out_size), mode='bilinear', align_corners=True)
-            out[start:stop] += up[:, 0].float()
-    return out
+    return _upsampled_sum(log_probs, lambda layer, lp: (stats[layer][0].double() - lp) / stats[layer][1].double(),
+                          out_size, chunk)
 
 
 def image_scores(maps: Tensor) -> Tensor:
