@@ -51,6 +51,7 @@ class Config:
     save_maps: bool = False
     score_norm: str = 'test'
     precision: str = 'fp32'
+    compile: bool = False
     adam_mode: str = 'paper'
     run_count: int = 1
     resume: bool = False
@@ -133,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "images' log-likelihood at each position of each scale (position; scores single images)")
     n.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
                    help='bf16 runs encoder and flows under autocast; log-determinants and likelihoods stay fp32')
+    n.add_argument('--compile', action='store_true',
+                   help='compile the evaluation forward pass (encoder and flows) with torch.compile: a one-off '
+                        'cost of seconds to a minute (timing.compile_s), then faster scoring with the same '
+                        'scores to float rounding; on the CPU it needs a C++ compiler')
     n.add_argument('--adam-mode', default='paper', choices=('paper', 'torch2'),
                    help='paper: one Adam over all decoders whose idle decoders keep moving on their momentum '
                         '(PyTorch 1.8 zero_grad, as the paper ran); torch2: idle decoders are not updated')

@@ -19,8 +19,8 @@ from config import Config, parse_config
 from custom_datasets import build_datasets, default_data_path, list_classes
 from custom_models.encoders import Encoder, build_encoder
 from custom_models.flow import build_decoder
-from train import (METRIC_NAMES, BestTracker, PositionCache, TrainState, evaluate, format_metric, make_optimizer,
-                   peak_rss_mb, set_seed, train_meta_epoch, train_reference)
+from train import (METRIC_NAMES, BestTracker, PositionCache, TrainState, compile_inference, evaluate, format_metric,
+                   make_optimizer, peak_rss_mb, set_seed, train_meta_epoch, train_reference)
 from utils.checkpoint import load_checkpoint, load_decoders, save_checkpoint
 from utils.errors import UserError
 from utils.io import atomic_write_bytes, atomic_write_text, write_json
@@ -259,6 +259,13 @@ def run_one(cfg: Config) -> dict:
         restore_rng_state(resume_ckpt['rng_state'], train_loader.generator)
         print(f'Resuming after meta-epoch {state.epoch} from {paths["weights"]}', flush=True)
     positions = PositionCache(cfg.condition_dim, device)
+    try:
+        compile_s = compile_inference(cfg, encoder, decoders, positions, device)
+    except Exception as e:  # noqa: BLE001 - compiler toolchains fail in many ways; one line says what to do
+        first = (str(e).strip().splitlines() or [''])[0][:200]
+        raise UserError(f'--compile failed ({type(e).__name__}: {first}); run without --compile') from None
+    if cfg.compile:
+        print(f'Compiled the evaluation forward pass in {compile_s:.1f} s', flush=True)
     train_eval_set = None
     reference_key = REFERENCE_KEYS.get(cfg.score_norm)
     reference = None
@@ -311,6 +318,7 @@ def run_one(cfg: Config) -> dict:
         print(f'Saving weights to {paths["weights"]}', flush=True)
     if ev is None:  # resumed a finished run: score the final model once for maps and timings
         ev = evaluate(cfg, encoder, decoders, test_loader, positions, device, score_reference())
+    ev.timing['compile_s'] = compile_s if cfg.compile else None
     return finish(cfg, paths, state, best, ev, train_set, test_set, mean, std, ckpt)
 
 
@@ -321,7 +329,7 @@ def finish(cfg: Config, paths: dict, state: TrainState, best: BestTracker, ev, t
     timing = {'sub_epoch_s': state.sub_epoch_s,
               'train_images_per_s': state.train_images / state.train_seconds if state.train_seconds else None,
               **{k: ev.timing.get(k) for k in ('test_forward_s', 'test_images_per_s', 'scoring_s', 'aupro_s',
-                                               'aupro_cflow_s', 'eval_s')},
+                                               'aupro_cflow_s', 'eval_s', 'compile_s')},
               'peak_rss_mb': peak_rss_mb()}
     result = {'status': 'ok', 'error': None, 'model_name': cfg.model_name, 'action_type': cfg.action_type,
               'dataset': cfg.dataset, 'class_name': cfg.class_name, 'run': cfg.run_name,

@@ -6,6 +6,7 @@ import math
 import random
 import resource
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,6 +174,31 @@ class EvalOutput:
     forward_s: float
 
 
+_COMPILED_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILED_GRID: list = []
+
+
+def _encode_fn(cfg: Config, encoder: Encoder):
+    """The encoder's inference call: the module itself, or (``--compile``) its compiled form, built once per
+    encoder with its frozen weights folded in."""
+    if not cfg.compile:
+        return encoder
+    fn = _COMPILED_ENCODERS.get(encoder)
+    if fn is None:
+        fn = _COMPILED_ENCODERS[encoder] = torch.compile(encoder, dynamic=False, options={'freezing': True})
+    return fn
+
+
+def _grid_fn(cfg: Config):
+    """:func:`grid_log_prob`, or (``--compile``) its compiled form; decoder weights stay inputs of the
+    compiled code, so training between evaluations is seen."""
+    if not cfg.compile:
+        return grid_log_prob
+    if not _COMPILED_GRID:
+        _COMPILED_GRID.append(torch.compile(grid_log_prob, dynamic=False))
+    return _COMPILED_GRID[0]
+
+
 def _feature_log_probs(cfg: Config, decoder, feat: Tensor, table: list[Tensor] | None,
                        device: torch.device) -> Tensor:
     """Per-dimension log-likelihood of every fiber of one scale's feature maps (B x C x H x W), in
@@ -182,11 +208,50 @@ def _feature_log_probs(cfg: Config, decoder, feat: Tensor, table: list[Tensor] |
     fibers = flatten_fibers(feat.float())
     out = torch.empty(fibers.shape[0], device=device)
     step = max(1, cfg.test_fiber_batch // grid) * grid
+    score = _grid_fn(cfg)
     for s in range(0, fibers.shape[0], step):
         sl = slice(s, s + step)
         with autocast(device, cfg.precision):
-            out[sl] = grid_log_prob(decoder, fibers[sl], table)
+            out[sl] = score(decoder, fibers[sl], table)
     return out
+
+
+def _chunk_log_probs(cfg: Config, encoder: Encoder, decoders, chunk: Tensor, tables: list,
+                     positions: PositionCache, device: torch.device) -> list[Tensor]:
+    """Per-scale (b, H_l, W_l) log-likelihoods of one chunk of at most ``TEST_ENCODER_CHUNK`` images.
+
+    ``tables`` caches each decoder's :func:`condition_tables` (filled on first use). With ``--compile`` a
+    short chunk is padded with zero images, so the compiled code always sees the same shapes.
+    """
+    b = chunk.shape[0]
+    if cfg.compile and b < TEST_ENCODER_CHUNK:
+        chunk = torch.cat([chunk, chunk.new_zeros((TEST_ENCODER_CHUNK - b, *chunk.shape[1:]))])
+    with autocast(device, cfg.precision):
+        features = _encode_fn(cfg, encoder)(chunk.to(device, non_blocking=True))
+    out = []
+    for layer, (decoder, feat) in enumerate(zip(decoders, features)):
+        if tables[layer] is None:
+            tables[layer] = condition_tables(decoder, positions(feat.shape[2], feat.shape[3]))
+        lp = _feature_log_probs(cfg, decoder, feat, tables[layer], device)
+        out.append(lp.view(feat.shape[0], feat.shape[2], feat.shape[3])[:b])
+    return out
+
+
+def compile_inference(cfg: Config, encoder: Encoder, decoders, positions: PositionCache,
+                      device: torch.device) -> float:
+    """With ``--compile``: compile the evaluation forward pass now, on one chunk of zero images, so that
+    no evaluation pays for it; returns the seconds this took (0 without ``--compile``)."""
+    if not cfg.compile:
+        return 0.0
+    for d in decoders:
+        d.eval()
+    start = time.perf_counter()
+    chunk = torch.zeros(TEST_ENCODER_CHUNK, 3, cfg.input_size, cfg.input_size)
+    with torch.no_grad():
+        _chunk_log_probs(cfg, encoder, decoders, chunk, [None] * len(decoders), positions, device)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def infer_log_probs(cfg: Config, encoder: Encoder, decoders, loader: DataLoader, positions: PositionCache,
@@ -216,17 +281,13 @@ def infer_log_probs(cfg: Config, encoder: Encoder, decoders, loader: DataLoader,
                 masks[offset:offset + n] = mask[:, 0].numpy() > 0.5
             for chunk in image.split(TEST_ENCODER_CHUNK):  # bounds the encoder's activation memory
                 b = chunk.shape[0]
-                with autocast(device, cfg.precision):
-                    features = encoder(chunk.to(device, non_blocking=True))
+                outs = _chunk_log_probs(cfg, encoder, decoders, chunk, tables, positions, device)
                 if log_probs is None:
-                    log_probs = [torch.empty(n_images, f.shape[2], f.shape[3]) for f in features]
-                for layer, (decoder, feat) in enumerate(zip(decoders, features)):
-                    if tables[layer] is None:
-                        tables[layer] = condition_tables(decoder, positions(feat.shape[2], feat.shape[3]))
-                    out = _feature_log_probs(cfg, decoder, feat, tables[layer], device)
+                    log_probs = [torch.empty(n_images, o.shape[1], o.shape[2]) for o in outs]
+                for layer, out in enumerate(outs):
                     loss_sum += float(fiber_loss(out).sum())
                     loss_count += out.numel()
-                    log_probs[layer][offset:offset + b] = out.view(b, feat.shape[2], feat.shape[3]).cpu()
+                    log_probs[layer][offset:offset + b] = out.cpu()
                 offset += b
     if device.type == 'cuda':
         torch.cuda.synchronize()

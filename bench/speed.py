@@ -14,6 +14,9 @@ score the very same weights; one training pass over the training images.
 
 - ``ours``: ``train.evaluate`` (per-defect metrics included) and ``train.train_meta_epoch`` with
   ``train.make_optimizer`` (one sub-epoch).
+- ``ours-compiled`` (with ``--compiled``): the same with ``--compile``; ``train.compile_inference`` compiles
+  the evaluation forward pass after the warm-up and before anything is timed, and its seconds are reported
+  as ``compile s``. Training is not compiled.
 - ``original``: ``bench/original_style.py`` (fp32 only, as the original has no bf16).
 
 Ratio columns compare each row of ours with the original-style row of the same encoder: train and test
@@ -64,12 +67,12 @@ from custom_models.flow import (build_decoder, condition_fibers, flatten_fibers,
 from utils.io import write_json  # noqa: E402
 from utils.schedule import learning_rate  # noqa: E402
 
-IMPLEMENTATIONS = ('original', 'ours')
+IMPLEMENTATIONS = ('original', 'ours', 'ours-compiled')
 PRECISIONS = ('fp32', 'bf16')
 DEFECT_KINDS = ('rect', 'blob')
 FIELDS = ('train_images_per_s', 'train_s', 'test_images_per_s', 'test_forward_s', 'eval_s', 'aupro_s',
           'aupro_cflow_s', 'scoring_s', 'peak_rss_mb', 'eval_start_rss_mb', 'eval_peak_rss_mb', 'eval_added_mb',
-          'import_rss_mb', 'peak_cuda_mb')
+          'import_rss_mb', 'peak_cuda_mb', 'compile_s')
 METRICS = ('image_auroc', 'pixel_auroc', 'aupro_cflow')
 LEGEND = ('\nRatios compare ours with the original-style fp32 row of the same encoder: '
           'images/s ours / original, eval original s / ours s, RSS ours / original. '
@@ -236,8 +239,9 @@ def _setup(impl: str, encoder_name: str, precision: str, args: argparse.Namespac
     device = _device(args.device)
     cfg = Config(enc_arch=encoder_name, input_size=args.input_size, batch_size=args.batch_size,
                  precision=precision, adam_mode=args.adam_mode, pro=True, progress=False, workers=0,
+                 compile=impl == 'ours-compiled',
                  meta_epochs=1, sub_epochs=1, seed=args.seed, encoder_weights='none', no_cuda=device.type != 'cuda')
-    if impl == 'ours':
+    if impl != 'original':
         train.set_seed(cfg.seed, device.type == 'cuda')
     else:
         _seed(cfg.seed)
@@ -312,7 +316,12 @@ def measure(impl: str, encoder_name: str, precision: str, args: argparse.Namespa
     if s.device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(s.device)
     _log(tag, f'evaluating {len(s.test_loader.dataset)} test images')
-    run = _run_ours if impl == 'ours' else _run_original
+    compile_s = None
+    if s.cfg.compile:
+        compile_s = train.compile_inference(s.cfg, s.encoder, s.decoders, train.PositionCache(s.cfg.condition_dim,
+                                                                                              s.device), s.device)
+        _log(tag, f'compiled the evaluation forward pass in {compile_s:.1f} s')
+    run = _run_original if impl == 'original' else _run_ours
     metrics, timing, loss, train_images, train_s = run(s, tag)
     _log(tag, f'training {train_images} images in {train_s:.1f} s (loss {loss:.4f})')
     cuda = s.device.type == 'cuda'
@@ -327,7 +336,7 @@ def measure(impl: str, encoder_name: str, precision: str, args: argparse.Namespa
             'eval_peak_rss_mb': timing['eval_peak_rss_mb'],
             'eval_added_mb': timing['eval_peak_rss_mb'] - timing['eval_start_rss_mb'],
             'peak_cuda_mb': torch.cuda.max_memory_allocated(s.device) / 2 ** 20 if cuda else None,
-            'metrics': {k: metrics.get(k) for k in ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')}}
+            'compile_s': compile_s, 'metrics': {k: metrics.get(k) for k in ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')}}
 
 
 def run_child(impl: str, encoder_name: str, precision: str, argv: list[str]) -> dict:
@@ -369,7 +378,7 @@ def summarise(runs: list[dict]) -> list[dict]:
     for row in rows:
         base = next((b for b in rows if b['impl'] == 'original' and b['encoder'] == row['encoder']
                      and b['runs']), None)
-        row['ratios'] = _ratios(row, base) if row['impl'] == 'ours' and base and row['runs'] else None
+        row['ratios'] = _ratios(row, base) if row['impl'] != 'original' and base and row['runs'] else None
     return rows
 
 
@@ -399,7 +408,7 @@ def _fmt(v: float | None, digits: int = 2, suffix: str = '') -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The summary as a Markdown table (times in seconds, metric differences in percentage points)."""
     head = ['encoder', 'prec', 'impl', 'train img/s', 'test img/s', 'eval s', 'aupro s', 'aupro_cflow s',
-            'scoring s', 'peak RSS MiB', 'eval peak MiB (added)', 'train ×', 'test ×', 'eval ×',
+            'scoring s', 'compile s', 'peak RSS MiB', 'eval peak MiB (added)', 'train ×', 'test ×', 'eval ×',
             'eval peak × (added ×)', 'max |Δ| AUROC pp',
             '|Δ| AUPRO-cflow pp']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
@@ -413,7 +422,7 @@ def markdown_table(rows: list[dict]) -> str:
         aupro_cflow = _fmt(r['aupro_cflow_s'], 2) + (' (DFR)' if r['impl'] == 'original' else '')
         cells = [r['encoder'], r['precision'], r['impl'], _fmt(r['train_images_per_s']),
                  _fmt(r['test_images_per_s']), _fmt(r['eval_s'], 1), _fmt(r['aupro_s'], 2), aupro_cflow,
-                 _fmt(r['scoring_s'], 2), _fmt(r['peak_rss_mb'], 0),
+                 _fmt(r['scoring_s'], 2), _fmt(r['compile_s'], 1), _fmt(r['peak_rss_mb'], 0),
                  f"{_fmt(r['eval_peak_rss_mb'], 0)} ({_fmt(r['eval_added_mb'], 0)})",
                  _fmt(q.get('train_images_per_s'), 2, '×'),
                  _fmt(q.get('test_images_per_s'), 2, '×'), _fmt(q.get('eval_s'), 2, '×'),
@@ -442,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, default=32, help='image batch size (capped at --train-images)')
     p.add_argument('--repeats', type=int, default=3, help='measurements per row; medians are reported')
     p.add_argument('--no-baseline', action='store_true', help='measure ours only')
+    p.add_argument('--compiled', action='store_true',
+                   help='also measure ours with --compile (the evaluation forward pass compiled once before '
+                        'it is timed; the compile time is its own column)')
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
                    help='auto: CUDA when available, else the CPU')
     p.add_argument('--seed', type=int, default=0, help='seed of data, encoders and decoders')
@@ -485,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan = [(impl, enc, prec) for enc in args.encoders
             for impl, prec in ([] if args.no_baseline else [('original', 'fp32')])
-            + [('ours', p) for p in args.precisions]]
+            + [('ours', p) for p in args.precisions]
+            + [('ours-compiled', p) for p in (args.precisions if args.compiled else [])]]
     runs = []
     total = len(plan) * args.repeats
     for r in range(args.repeats):

@@ -99,6 +99,24 @@ def test_norm_test_reproduces_last_epoch(trained):
     assert test_res['last']['epoch'] == 1
 
 
+def test_compiled_evaluation_matches_eager(trained, tmp_path):
+    """--compile: the compiled forward pass (its last chunk padded: 8 test images in loader batches of 4)
+    gives the eager run's maps to float rounding, and the compile time is reported apart."""
+    work, out, _ = trained
+    name = _result(out)['model_name']
+    proc = run_main(*COMMON, '--data-path', str(work / 'data'), '--output-dir', str(tmp_path), '--compile',
+                    '--action-type', 'norm-test', '--checkpoint', str(out / 'weights' / f'{name}.pt'),
+                    '--save-maps', cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    eager = np.load(out / 'results' / f'{name}_maps.npz')
+    compiled = np.load(tmp_path / 'results' / f'{name}_maps.npz')
+    np.testing.assert_allclose(compiled['maps'], eager['maps'], rtol=1e-4, atol=1e-4 * np.abs(eager['maps']).max())
+    tested, train_res = _result(tmp_path, '_norm-test'), _result(out)
+    for key in ('image_auroc', 'pixel_auroc', 'aupro'):
+        assert tested['last'][key] == pytest.approx(train_res['last'][key], abs=1e-3)
+    assert tested['timing']['compile_s'] > 0 and train_res['timing']['compile_s'] is None
+
+
 def test_position_score_norm_is_saved_and_reused(trained, tmp_path):
     """--score-norm position: the training statistics are saved with the model and norm-test reproduces the
     run's figures; the easy defects are still found."""
