@@ -6,7 +6,6 @@ import math
 import random
 import resource
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,41 +173,34 @@ class EvalOutput:
     forward_s: float
 
 
-_COMPILED_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_COMPILED_GRID: list = []
+_COMPILED: dict = {}  # with --compile: the current encoder, its compiled form and the compiled grid scoring
 
 
-def _encode_fn(cfg: Config, encoder: Encoder):
-    """The encoder's inference call: the module itself, or (``--compile``) its compiled form, built once per
-    encoder with its frozen weights folded in."""
-    if not cfg.compile:
-        return encoder
-    fn = _COMPILED_ENCODERS.get(encoder)
-    if fn is None:
-        fn = _COMPILED_ENCODERS[encoder] = torch.compile(encoder, dynamic=False, options={'freezing': True})
-    return fn
+def _compiled(encoder: Encoder) -> dict:
+    """The compiled forward pass for ``encoder``: its compiled form (frozen weights folded in) and a
+    compiled :func:`grid_log_prob` (decoder weights stay inputs, so training between evaluations is seen).
+
+    Built once per encoder; a new encoder (the next class of ``--class-name all``) drops the previous
+    graphs first, so they neither pile up nor reach torch's recompilation limit.
+    """
+    if _COMPILED.get('encoder') is not encoder:
+        _COMPILED.clear()
+        torch._dynamo.reset()
+        _COMPILED.update(encoder=encoder,
+                         encode=torch.compile(encoder, dynamic=False, options={'freezing': True}),
+                         grid=torch.compile(grid_log_prob, dynamic=False))
+    return _COMPILED
 
 
-def _grid_fn(cfg: Config):
-    """:func:`grid_log_prob`, or (``--compile``) its compiled form; decoder weights stay inputs of the
-    compiled code, so training between evaluations is seen."""
-    if not cfg.compile:
-        return grid_log_prob
-    if not _COMPILED_GRID:
-        _COMPILED_GRID.append(torch.compile(grid_log_prob, dynamic=False))
-    return _COMPILED_GRID[0]
-
-
-def _feature_log_probs(cfg: Config, decoder, feat: Tensor, table: list[Tensor] | None,
-                       device: torch.device) -> Tensor:
+def _feature_log_probs(cfg: Config, decoder, feat: Tensor, table: list[Tensor] | None, device: torch.device,
+                       score=grid_log_prob) -> Tensor:
     """Per-dimension log-likelihood of every fiber of one scale's feature maps (B x C x H x W), in
     (b, h, w) order; whole images go through the decoder at once, ``--test-fiber-batch`` fibers or one
-    image per call, whichever is more."""
+    image per call, whichever is more; ``score`` is :func:`grid_log_prob` or its compiled form."""
     grid = feat.shape[2] * feat.shape[3]
     fibers = flatten_fibers(feat.float())
     out = torch.empty(fibers.shape[0], device=device)
     step = max(1, cfg.test_fiber_batch // grid) * grid
-    score = _grid_fn(cfg)
     for s in range(0, fibers.shape[0], step):
         sl = slice(s, s + step)
         with autocast(device, cfg.precision):
@@ -226,13 +218,17 @@ def _chunk_log_probs(cfg: Config, encoder: Encoder, decoders, chunk: Tensor, tab
     b = chunk.shape[0]
     if cfg.compile and b < TEST_ENCODER_CHUNK:
         chunk = torch.cat([chunk, chunk.new_zeros((TEST_ENCODER_CHUNK - b, *chunk.shape[1:]))])
+    encode, score = encoder, grid_log_prob
+    if cfg.compile:
+        fns = _compiled(encoder)
+        encode, score = fns['encode'], fns['grid']
     with autocast(device, cfg.precision):
-        features = _encode_fn(cfg, encoder)(chunk.to(device, non_blocking=True))
+        features = encode(chunk.to(device, non_blocking=True))
     out = []
     for layer, (decoder, feat) in enumerate(zip(decoders, features)):
         if tables[layer] is None:
             tables[layer] = condition_tables(decoder, positions(feat.shape[2], feat.shape[3]))
-        lp = _feature_log_probs(cfg, decoder, feat, tables[layer], device)
+        lp = _feature_log_probs(cfg, decoder, feat, tables[layer], device, score)
         out.append(lp.view(feat.shape[0], feat.shape[2], feat.shape[3])[:b])
     return out
 

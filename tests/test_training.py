@@ -76,3 +76,19 @@ def test_adam_modes_differ_once_a_decoder_is_idle():
         train.train_layer_fibers(decoders[1], opt, flatten_fibers(feats[1]), conds, 256, cfg, torch.device('cpu'))
         moved[mode] = any(not torch.equal(a, b) for a, b in zip(before, decoders[0].parameters()))
     assert moved == {'paper': True, 'torch2': False}
+
+
+def test_compiled_forward_is_built_once_per_encoder_and_drops_the_previous():
+    """--compile keeps one encoder's compiled forward pass; the next encoder (the next class of
+    --class-name all) replaces it, so the previous encoder can be freed."""
+    import gc
+    import weakref
+    first, second = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(3, 4, 1)
+    fns = train._compiled(first)
+    assert fns['encoder'] is first and train._compiled(first)['encode'] is fns['encode']
+    gone = weakref.ref(first)
+    del first, fns
+    assert train._compiled(second)['encoder'] is second
+    gc.collect()
+    assert gone() is None
+    train._COMPILED.clear()
