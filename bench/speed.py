@@ -318,8 +318,8 @@ def measure(impl: str, encoder_name: str, precision: str, args: argparse.Namespa
     _log(tag, f'evaluating {len(s.test_loader.dataset)} test images')
     compile_s = None
     if s.cfg.compile:
-        compile_s = train.compile_inference(s.cfg, s.encoder, s.decoders, train.PositionCache(s.cfg.condition_dim,
-                                                                                              s.device), s.device)
+        positions = train.PositionCache(s.cfg.condition_dim, s.device)
+        compile_s = train.compile_inference(s.cfg, s.encoder, s.decoders, positions, s.device)
         _log(tag, f'compiled the evaluation forward pass in {compile_s:.1f} s')
     run = _run_original if impl == 'original' else _run_ours
     metrics, timing, loss, train_images, train_s = run(s, tag)
@@ -336,7 +336,8 @@ def measure(impl: str, encoder_name: str, precision: str, args: argparse.Namespa
             'eval_peak_rss_mb': timing['eval_peak_rss_mb'],
             'eval_added_mb': timing['eval_peak_rss_mb'] - timing['eval_start_rss_mb'],
             'peak_cuda_mb': torch.cuda.max_memory_allocated(s.device) / 2 ** 20 if cuda else None,
-            'compile_s': compile_s, 'metrics': {k: metrics.get(k) for k in ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')}}
+            'compile_s': compile_s,
+            'metrics': {k: metrics.get(k) for k in ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')}}
 
 
 def run_child(impl: str, encoder_name: str, precision: str, argv: list[str]) -> dict:
