@@ -264,7 +264,7 @@ def run_one(cfg: Config) -> dict:
     except Exception as e:  # noqa: BLE001 - compiler toolchains fail in many ways; one line says what to do
         first = (str(e).strip().splitlines() or [''])[0][:200]
         raise UserError(f'--compile failed ({type(e).__name__}: {first}); run without --compile') from None
-    if cfg.compile:
+    if compile_s is not None:
         print(f'Compiled the evaluation forward pass in {compile_s:.1f} s', flush=True)
     train_eval_set = None
     reference_key = REFERENCE_KEYS.get(cfg.score_norm)
@@ -318,7 +318,7 @@ def run_one(cfg: Config) -> dict:
         print(f'Saving weights to {paths["weights"]}', flush=True)
     if ev is None:  # resumed a finished run: score the final model once for maps and timings
         ev = evaluate(cfg, encoder, decoders, test_loader, positions, device, score_reference())
-    ev.timing['compile_s'] = compile_s if cfg.compile else None
+    ev.timing['compile_s'] = compile_s
     return finish(cfg, paths, state, best, ev, train_set, test_set, mean, std, ckpt)
 
 

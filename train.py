@@ -234,11 +234,11 @@ def _chunk_log_probs(cfg: Config, encoder: Encoder, decoders, chunk: Tensor, tab
 
 
 def compile_inference(cfg: Config, encoder: Encoder, decoders, positions: PositionCache,
-                      device: torch.device) -> float:
+                      device: torch.device) -> float | None:
     """With ``--compile``: compile the evaluation forward pass now, on one chunk of zero images, so that
-    no evaluation pays for it; returns the seconds this took (0 without ``--compile``)."""
+    no evaluation pays for it; returns the seconds this took (None without ``--compile``)."""
     if not cfg.compile:
-        return 0.0
+        return None
     for d in decoders:
         d.eval()
     start = time.perf_counter()

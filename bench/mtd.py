@@ -199,9 +199,10 @@ def select(data: Path, out: Path, common: list[str]) -> None:
         start = time.perf_counter()
         data_args = ['--dataset', 'mvtec', '--data-path', str(root), '--class-name', 'tile', *common]
         train_args = [*data_args, *recipe_args({**cand, 'score_norm': 'test'}), '--output-dir', str(cand_out)]
-        run_main([*train_args, '--resume'])
-        print(f'candidate {i} trained (or reused) in {time.perf_counter() - start:.0f} s', file=sys.stderr)
         model_name = parse_config(train_args).model_name
+        if not (cand_out / 'results' / f'{model_name}.json').exists():  # written only when training finished
+            run_main([*train_args, '--resume'])
+        print(f'candidate {i} trained (or reused) in {time.perf_counter() - start:.0f} s', file=sys.stderr)
         checkpoint = cand_out / 'weights' / f'{model_name}.pt'
         for score_norm in SCORE_NORMS:
             start = time.perf_counter()
