@@ -52,6 +52,7 @@ class Config:
     score_norm: str = 'test'
     precision: str = 'fp32'
     compile: bool = False
+    tta: str = 'none'
     adam_mode: str = 'paper'
     run_count: int = 1
     resume: bool = False
@@ -135,9 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
                    help='bf16 runs encoder and flows under autocast; log-determinants and likelihoods stay fp32')
     n.add_argument('--compile', action='store_true',
-                   help='compile the evaluation forward pass (encoder and flows) with torch.compile: a one-off '
-                        'cost of seconds to a minute (timing.compile_s), then faster scoring with the same '
-                        'scores to float rounding; on the CPU it needs a C++ compiler')
+                   help='compile the encoder, the training step (flows forward and backward) and the evaluation '
+                        'forward pass with torch.compile: a one-off cost of about a minute (timing.compile_s), '
+                        'then faster training and scoring with the same results to float rounding; on the CPU '
+                        'it needs a C++ compiler')
+    n.add_argument('--tta', default='none', choices=('none', 'hflip', 'flips'),
+                   help='test-time augmentation: score each image also mirrored left-right (hflip) or mirrored '
+                        'left-right, upside down and both (flips), map the log-likelihoods back and average '
+                        'them; costs 2x or 4x the test forward pass, training is unchanged')
     n.add_argument('--adam-mode', default='paper', choices=('paper', 'torch2'),
                    help='paper: one Adam over all decoders whose idle decoders keep moving on their momentum '
                         '(PyTorch 1.8 zero_grad, as the paper ran); torch2: idle decoders are not updated')

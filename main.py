@@ -19,7 +19,7 @@ from config import Config, parse_config
 from custom_datasets import build_datasets, default_data_path, list_classes
 from custom_models.encoders import Encoder, build_encoder
 from custom_models.flow import build_decoder
-from train import (METRIC_NAMES, BestTracker, PositionCache, TrainState, compile_inference, evaluate, format_metric,
+from train import (METRIC_NAMES, BestTracker, PositionCache, TrainState, compile_model, evaluate, format_metric,
                    make_optimizer, peak_rss_mb, set_seed, train_meta_epoch, train_reference)
 from utils.checkpoint import load_checkpoint, load_decoders, save_checkpoint
 from utils.errors import UserError
@@ -120,7 +120,8 @@ def restore_zero_grads(optimizer: torch.optim.Optimizer, adam_mode: str) -> None
 
 def print_header(cfg: Config, encoder: Encoder, train_set, test_set, device: torch.device) -> None:
     print(f'Model: {cfg.model_name}', flush=True)
-    print(f'Device: {device}, precision {cfg.precision}, seed {cfg.seed}', flush=True)
+    tta = '' if cfg.tta == 'none' else f', test-time flips {cfg.tta}'
+    print(f'Device: {device}, precision {cfg.precision}, seed {cfg.seed}{tta}', flush=True)
     print(f'Encoder {cfg.enc_arch}: {cfg.pool_layers} pool layers, channels {encoder.channels}, '
           f'strides {encoder.strides}', flush=True)
     print(f'train images: {len(train_set)}, test images: {len(test_set)} '
@@ -260,17 +261,19 @@ def run_one(cfg: Config) -> dict:
         print(f'Resuming after meta-epoch {state.epoch} from {paths["weights"]}', flush=True)
     positions = PositionCache(cfg.condition_dim, device)
     try:
-        compile_s = compile_inference(cfg, encoder, decoders, positions, device)
+        compile_s = compile_model(cfg, encoder, decoders, positions, device, training=not testing)
     except Exception as e:  # noqa: BLE001 - compiler toolchains fail in many ways; one line says what to do
         first = (str(e).strip().splitlines() or [''])[0][:200]
         raise UserError(f'--compile failed ({type(e).__name__}: {first}); run without --compile') from None
     if compile_s is not None:
-        print(f'Compiled the evaluation forward pass in {compile_s:.1f} s', flush=True)
+        what = 'evaluation forward pass' if testing else 'training step and evaluation forward pass'
+        print(f'Compiled the {what} in {compile_s:.1f} s', flush=True)
     train_eval_set = None
     reference_key = REFERENCE_KEYS.get(cfg.score_norm)
     reference = None
-    if ckpt is not None and reference_key and (ckpt.get('config') or {}).get('input_size') == cfg.input_size:
-        reference = ckpt.get(reference_key)  # statistics saved with the model, valid at its input size
+    saved_cfg = (ckpt.get('config') or {}) if ckpt is not None else {}
+    if reference_key and saved_cfg.get('input_size') == cfg.input_size and saved_cfg.get('tta', 'none') == cfg.tta:
+        reference = ckpt.get(reference_key)  # statistics saved with the model, valid at its input size and --tta
 
     def score_reference() -> list | None:
         """None for --score-norm test; otherwise the training images' statistics (computed once per model)."""

@@ -95,13 +95,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group['lr'] = lr
 
 
+def fiber_batch_losses(decoder, fibers: Tensor, conds: Tensor | None) -> Tensor:
+    """The forward pass of one training step: per-fiber losses (n,) of one fiber batch."""
+    return fiber_loss(fiber_log_prob(decoder, fibers, conds))
+
+
 def train_layer_fibers(decoder, optimizer, fibers: Tensor, conds: Tensor | None, fiber_batch: int,
-                       cfg: Config, device: torch.device) -> tuple[float, int]:
+                       cfg: Config, device: torch.device, step=fiber_batch_losses) -> tuple[float, int]:
     """One pass of fiber batches over one scale's fibers of one image batch.
 
     The fibers of all images and positions are shuffled together and cut into batches of
-    ``fiber_batch`` (the remainder is dropped); each batch is one Adam step. Returns the summed loss and
-    the number of fibers used.
+    ``fiber_batch`` (the remainder is dropped); each batch is one Adam step. ``step`` is
+    :func:`fiber_batch_losses` or its compiled form. Returns the summed loss and the number of fibers used.
     """
     n_fibers, width = fibers.shape
     perm = torch.randperm(n_fibers, device=device)
@@ -111,8 +116,7 @@ def train_layer_fibers(decoder, optimizer, fibers: Tensor, conds: Tensor | None,
     for f in range(n_fibers // fiber_batch):
         idx = perm[f * fiber_batch:(f + 1) * fiber_batch]
         with autocast(device, cfg.precision):
-            log_prob = fiber_log_prob(decoder, fibers[idx], conds[idx] if conds is not None else None)
-        loss = fiber_loss(log_prob)
+            loss = step(decoder, fibers[idx], conds[idx] if conds is not None else None)
         optimizer.zero_grad(set_to_none=set_to_none)
         loss.mean().backward()
         optimizer.step()
@@ -131,6 +135,7 @@ def train_meta_epoch(cfg: Config, epoch: int, encoder: Encoder, decoders, optimi
     set_lr(optimizer, cosine_lr(cfg.lr, epoch, cfg.meta_epochs, cfg.lr_decay_rate))
     lr = optimizer.param_groups[0]['lr']
     last_loss = float('nan')
+    step = _compiled(encoder)['step'] if cfg.compile else fiber_batch_losses
     for sub in range(cfg.sub_epochs):
         start = time.perf_counter()
         loss_sum, fiber_count, images = 0.0, 0, 0
@@ -139,14 +144,13 @@ def train_meta_epoch(cfg: Config, epoch: int, encoder: Encoder, decoders, optimi
             lr = learning_rate(cfg.lr, epoch, i + sub * batches, total_batches, cfg.meta_epochs,
                                cfg.lr_warm_epochs, cfg.lr_decay_rate) if epoch < cfg.lr_warm_epochs else lr
             set_lr(optimizer, lr)
-            image = image.to(device, non_blocking=True)
-            with torch.no_grad(), autocast(device, cfg.precision):
-                features = encoder(image)
+            with torch.no_grad():
+                features = encode_batch(cfg, encoder, image, device)
             for decoder, feat in zip(decoders, features):
                 feat = feat.float()
                 fibers = flatten_fibers(feat)
                 conds = condition_fibers(positions(feat.shape[2], feat.shape[3]), feat.shape[0])
-                s, n = train_layer_fibers(decoder, optimizer, fibers, conds, cfg.fiber_batch, cfg, device)
+                s, n = train_layer_fibers(decoder, optimizer, fibers, conds, cfg.fiber_batch, cfg, device, step)
                 loss_sum += s
                 fiber_count += n
             images += image.shape[0]
@@ -177,8 +181,9 @@ _COMPILED: dict = {}  # with --compile: the current encoder, its compiled form a
 
 
 def _compiled(encoder: Encoder) -> dict:
-    """The compiled forward pass for ``encoder``: its compiled form (frozen weights folded in) and a
-    compiled :func:`grid_log_prob` (decoder weights stay inputs, so training between evaluations is seen).
+    """The compiled passes for ``encoder``: its compiled form (frozen weights folded in), a compiled
+    :func:`grid_log_prob` and a compiled :func:`fiber_batch_losses` (forward and backward; decoder weights
+    stay inputs, so each step sees the current weights).
 
     Built once per encoder; a new encoder (the next class of ``--class-name all``) drops the previous
     graphs first, so they neither pile up nor reach torch's recompilation limit.
@@ -188,8 +193,34 @@ def _compiled(encoder: Encoder) -> dict:
         torch._dynamo.reset()
         _COMPILED.update(encoder=encoder,
                          encode=torch.compile(encoder, dynamic=False, options={'freezing': True}),
-                         grid=torch.compile(grid_log_prob, dynamic=False))
+                         grid=torch.compile(grid_log_prob, dynamic=False),
+                         step=torch.compile(fiber_batch_losses, dynamic=False))
     return _COMPILED
+
+
+def _encode_chunk(cfg: Config, encoder: Encoder, chunk: Tensor, device: torch.device) -> list[Tensor]:
+    """Features of at most ``TEST_ENCODER_CHUNK`` images. With ``--compile`` they come from the compiled
+    encoder, and a short chunk is padded with zero images so that it always sees the same shape: the
+    features then hold ``TEST_ENCODER_CHUNK`` images, the padding last."""
+    encode = encoder
+    if cfg.compile:
+        encode = _compiled(encoder)['encode']
+        if chunk.shape[0] < TEST_ENCODER_CHUNK:
+            chunk = torch.cat([chunk, chunk.new_zeros((TEST_ENCODER_CHUNK - chunk.shape[0], *chunk.shape[1:]))])
+    with autocast(device, cfg.precision):
+        return encode(chunk.to(device, non_blocking=True))
+
+
+def encode_batch(cfg: Config, encoder: Encoder, image: Tensor, device: torch.device) -> list[Tensor]:
+    """Features of a training batch: one encoder call, or with ``--compile`` chunks of
+    ``TEST_ENCODER_CHUNK`` images through the compiled encoder (BatchNorm is frozen, so every image's
+    features are its own either way)."""
+    if not cfg.compile:
+        with autocast(device, cfg.precision):
+            return encoder(image.to(device, non_blocking=True))
+    parts = [[f[:chunk.shape[0]] for f in _encode_chunk(cfg, encoder, chunk, device)]
+             for chunk in image.split(TEST_ENCODER_CHUNK)]
+    return [torch.cat(scale) for scale in zip(*parts)]
 
 
 def _feature_log_probs(cfg: Config, decoder, feat: Tensor, table: list[Tensor] | None, device: torch.device,
@@ -216,14 +247,8 @@ def _chunk_log_probs(cfg: Config, encoder: Encoder, decoders, chunk: Tensor, tab
     short chunk is padded with zero images, so the compiled code always sees the same shapes.
     """
     b = chunk.shape[0]
-    if cfg.compile and b < TEST_ENCODER_CHUNK:
-        chunk = torch.cat([chunk, chunk.new_zeros((TEST_ENCODER_CHUNK - b, *chunk.shape[1:]))])
-    encode, score = encoder, grid_log_prob
-    if cfg.compile:
-        fns = _compiled(encoder)
-        encode, score = fns['encode'], fns['grid']
-    with autocast(device, cfg.precision):
-        features = encode(chunk.to(device, non_blocking=True))
+    features = _encode_chunk(cfg, encoder, chunk, device)
+    score = _compiled(encoder)['grid'] if cfg.compile else grid_log_prob
     out = []
     for layer, (decoder, feat) in enumerate(zip(decoders, features)):
         if tables[layer] is None:
@@ -233,19 +258,61 @@ def _chunk_log_probs(cfg: Config, encoder: Encoder, decoders, chunk: Tensor, tab
     return out
 
 
-def compile_inference(cfg: Config, encoder: Encoder, decoders, positions: PositionCache,
-                      device: torch.device) -> float | None:
-    """With ``--compile``: compile the evaluation forward pass now, on one chunk of zero images, so that
-    no evaluation pays for it; returns the seconds this took (None without ``--compile``)."""
+# --tta: the flips applied to each test image, as dimensions of the image (and of the log-likelihood grids)
+TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    'none': ((),),
+    'hflip': ((), (-1,)),
+    'flips': ((), (-1,), (-2,), (-2, -1)),
+}
+
+
+def _augmented_log_probs(cfg: Config, encoder: Encoder, decoders, chunk: Tensor, tables: list,
+                         positions: PositionCache, device: torch.device) -> list[Tensor]:
+    """:func:`_chunk_log_probs` averaged over the ``--tta`` flips: each flipped chunk is scored, its grids
+    are flipped back, and the per-dimension log-likelihoods are averaged position by position."""
+    flips = TTA_FLIPS[cfg.tta]
+    total: list[Tensor] | None = None
+    for dims in flips:
+        outs = _chunk_log_probs(cfg, encoder, decoders, chunk.flip(dims) if dims else chunk, tables, positions,
+                                device)
+        if dims:
+            outs = [o.flip(dims) for o in outs]
+        total = outs if total is None else [t + o for t, o in zip(total, outs)]
+    return total if len(flips) == 1 else [t / len(flips) for t in total]
+
+
+def compile_model(cfg: Config, encoder: Encoder, decoders, positions: PositionCache, device: torch.device,
+                  training: bool) -> float | None:
+    """With ``--compile``: compile the evaluation forward pass now, on one chunk of zero images, and with
+    ``training`` each decoder's training step (forward and backward on one fiber batch of zeros, gradients
+    dropped afterwards: no weight, optimizer state or random state changes), so that neither evaluation nor
+    training pays for it. Returns the seconds this took (None without ``--compile``)."""
     if not cfg.compile:
         return None
+    start = time.perf_counter()
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+           torch.cuda.get_rng_state_all() if device.type == 'cuda' else None)
     for d in decoders:
         d.eval()
-    start = time.perf_counter()
     chunk = torch.zeros(TEST_ENCODER_CHUNK, 3, cfg.input_size, cfg.input_size)
     with torch.no_grad():
-        _chunk_log_probs(cfg, encoder, decoders, chunk, [None] * len(decoders), positions, device)
-    if device.type == 'cuda':
+        features = _chunk_log_probs(cfg, encoder, decoders, chunk, [None] * len(decoders), positions, device)
+    if training:
+        step = _compiled(encoder)['step']
+        for decoder, feat in zip(decoders, features):
+            decoder.train()
+            conds = condition_fibers(positions(feat.shape[1], feat.shape[2]), 1)[:1].expand(cfg.fiber_batch, -1)
+            fibers = torch.zeros(cfg.fiber_batch, decoder.shapes[0][0], device=device)
+            with autocast(device, cfg.precision):
+                loss = step(decoder, fibers, conds.contiguous())  # as in training, where conds are always given
+            loss.mean().backward()
+            for p in decoder.parameters():
+                p.grad = None
+    random.setstate(rng[0])
+    np.random.set_state(rng[1])
+    torch.set_rng_state(rng[2])
+    if rng[3] is not None:
+        torch.cuda.set_rng_state_all(rng[3])
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
@@ -255,7 +322,8 @@ def infer_log_probs(cfg: Config, encoder: Encoder, decoders, loader: DataLoader,
     """Per-dimension log-likelihood of every fiber of every image, without grad.
 
     Whole images go through a decoder at once (``--test-fiber-batch`` fibers or one image, whichever is
-    more), with the positional condition's share of each subnet computed once per grid.
+    more), with the positional condition's share of each subnet computed once per grid; with ``--tta`` each
+    image's grids are the average over its flips.
     """
     for d in decoders:
         d.eval()
@@ -277,7 +345,7 @@ def infer_log_probs(cfg: Config, encoder: Encoder, decoders, loader: DataLoader,
                 masks[offset:offset + n] = mask[:, 0].numpy() > 0.5
             for chunk in image.split(TEST_ENCODER_CHUNK):  # bounds the encoder's activation memory
                 b = chunk.shape[0]
-                outs = _chunk_log_probs(cfg, encoder, decoders, chunk, tables, positions, device)
+                outs = _augmented_log_probs(cfg, encoder, decoders, chunk, tables, positions, device)
                 if log_probs is None:
                     log_probs = [torch.empty(n_images, o.shape[1], o.shape[2]) for o in outs]
                 for layer, out in enumerate(outs):

@@ -31,8 +31,9 @@ def mvtec_samples(root: str | Path, class_name: str) -> tuple[list[Sample], list
     """Train and test samples of one class, in sorted folder and file order.
 
     Test images in ``test/good`` are normal (label 0, zero mask); every other test folder holds anomalous
-    images whose mask is ``ground_truth/<type>/<stem>_mask.<ext>``, binarised as value > 0. A missing mask
-    gives ``mask_valid=False``.
+    images whose mask is ``ground_truth/<type>/<stem>_mask.<ext>`` (MVTec AD's naming) or, failing that,
+    ``ground_truth/<type>/<stem>.<ext>`` (the naming of several datasets converted to this layout), binarised
+    as value > 0. A missing mask gives ``mask_valid=False``.
 
     Returns:
         (train, test) sample lists; either may be empty.
@@ -50,11 +51,12 @@ def mvtec_samples(root: str | Path, class_name: str) -> tuple[list[Sample], list
             continue
         masks = _mask_index(folder / 'ground_truth' / defect_type)
         for path in images:
-            mask = masks.get(f'{path.stem}_mask')
+            mask = masks.get(f'{path.stem}_mask', masks.get(path.stem))
             ref = MaskRef(str(mask), threshold=0) if mask is not None else None
             test.append(Sample(str(path), 1, defect_type, _relative(path, root), ref, mask is not None))
     return train, test
 
 
-LAYOUT_HINT = ('<class>/train/good/*, <class>/test/<type>/* and <class>/ground_truth/<type>/<stem>_mask.png; '
+LAYOUT_HINT = ('<class>/train/good/*, <class>/test/<type>/* and <class>/ground_truth/<type>/<stem>_mask.png '
+               '(or <stem>.png); '
                f'image extensions {", ".join(e[1:] for e in IMAGE_EXTENSIONS)}')

@@ -104,22 +104,29 @@ def is_conditional(decoder: SequenceINN) -> bool:
     return bool(decoder.module_list[0].conditional)
 
 
+def _finish_block(block: AllInOneBlock, x: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """The rest of one FrEIA 0.2 ``AllInOneBlock`` forward pass (soft permutation, SOFTPLUS, no GIN), given
+    the pre-activation ``hidden`` of its subnet's first layer; returns the output and the float32
+    log-determinant."""
+    c1, c2 = block.splits
+    _, relu, second = block.subnet
+    a = second(relu(hidden)) * 0.1
+    s = block.clamp * torch.tanh(a[:, :c2])
+    y2 = x[:, c1:] * torch.exp(s) + a[:, c2:]
+    scale = 0.1 * F.softplus(block.global_scale, beta=0.5)
+    u = torch.cat([x[:, :c1], y2], 1) * scale.to(x.dtype) + block.global_offset.to(x.dtype)
+    out = F.linear(u, block.w_perm.to(x.dtype))
+    return out, s.float().sum(1) + torch.log(scale).sum()
+
+
 def _block_forward(block: AllInOneBlock, x: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The forward math of one FrEIA 0.2 ``AllInOneBlock`` (soft permutation, SOFTPLUS, no GIN).
+    """The forward math of one FrEIA 0.2 ``AllInOneBlock``.
 
     Same arithmetic as ``block((x,), [c])`` with fewer intermediate tensors; the log-determinant is
     returned in float32.
     """
-    c1, c2 = block.splits
-    x1, x2 = x[:, :c1], x[:, c1:]
-    a = block.subnet(torch.cat([x1, c], 1) if c is not None else x1) * 0.1
-    s = block.clamp * torch.tanh(a[:, :c2])
-    y2 = x2 * torch.exp(s) + a[:, c2:]
-    scale = 0.1 * F.softplus(block.global_scale, beta=0.5)
-    u = torch.cat([x1, y2], 1) * scale.to(x.dtype) + block.global_offset.to(x.dtype)
-    out = F.linear(u, block.w_perm.to(x.dtype))
-    log_jac = s.float().sum(1) + torch.log(scale).sum()
-    return out, log_jac
+    x1 = x[:, :block.splits[0]]
+    return _finish_block(block, x, block.subnet[0](torch.cat([x1, c], 1) if c is not None else x1))
 
 
 def decoder_forward(decoder: SequenceINN, x: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -184,18 +191,11 @@ def grid_log_prob(decoder: SequenceINN, x: Tensor, tables: list[Tensor] | None) 
     n, width = x.shape
     log_jac = x.new_zeros(n, dtype=torch.float32)
     for block, table in zip(decoder.module_list, tables):
-        c1, c2 = block.splits
-        first, relu, second = block.subnet
-        x1, x2 = x[:, :c1], x[:, c1:]
-        hidden = F.linear(x1, first.weight[:, :c1].to(x.dtype))
+        first = block.subnet[0]
+        hidden = F.linear(x[:, :block.splits[0]], first.weight[:, :block.splits[0]].to(x.dtype))
         hidden = (hidden.view(-1, table.shape[0], table.shape[1]) + table.to(hidden.dtype)).view(n, -1)
-        a = second(relu(hidden)) * 0.1
-        s = block.clamp * torch.tanh(a[:, :c2])
-        y2 = x2 * torch.exp(s) + a[:, c2:]
-        scale = 0.1 * F.softplus(block.global_scale, beta=0.5)
-        u = torch.cat([x1, y2], 1) * scale.to(x.dtype) + block.global_offset.to(x.dtype)
-        x = F.linear(u, block.w_perm.to(x.dtype))
-        log_jac = log_jac + s.float().sum(1) + torch.log(scale).sum()
+        x, j = _finish_block(block, x, hidden)
+        log_jac = log_jac + j
     return log_likelihood(x, log_jac) / width
 
 

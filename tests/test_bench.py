@@ -44,3 +44,17 @@ def test_synthetic_defects_are_deterministic_for_a_seed():
     b = mtd.synthetic_defect(_tile(), 'crack', np.random.default_rng(5))
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_recipe_and_scorings_are_valid_command_lines():
+    """The benchmark's recipe and every validation scoring parse into the configuration they describe."""
+    from config import parse_config
+    cfg = parse_config(['--dataset', 'mtd', *mtd.recipe_args(mtd.RECIPE)])
+    assert (cfg.enc_arch, cfg.input_size, cfg.meta_epochs, cfg.sub_epochs, cfg.pool_layers, cfg.coupling_blocks,
+            cfg.score_norm, cfg.tta) == tuple(mtd.RECIPE[k] for k in (
+                'encoder', 'input_size', 'meta_epochs', 'sub_epochs', 'pool_layers', 'coupling_blocks',
+                'score_norm', 'tta'))
+    for cand in mtd.CANDIDATES:
+        for score_norm, tta in mtd.SCORINGS:
+            cfg = parse_config(mtd.recipe_args({**cand, 'score_norm': score_norm, 'tta': tta}))
+            assert (cfg.score_norm, cfg.tta, cfg.input_size) == (score_norm, tta, cand['input_size'])

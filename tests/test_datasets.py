@@ -124,6 +124,21 @@ def test_mvtec_listing_and_labels(mvtec_root):
     assert test.n_missing_masks == 1 and train.n_missing_masks == 0
 
 
+def test_mvtec_masks_named_like_their_images(tmp_path):
+    """``<stem>_mask.*`` is preferred; ``<stem>.*`` (e.g. a .png mask of a .bmp image) is the fallback."""
+    w = tmp_path / 'part'
+    _save(_grey(0), w / 'train' / 'good' / '000.bmp')
+    for name in ('000.bmp', '001.bmp', '002.bmp'):
+        _save(_grey(1), w / 'test' / 'ko' / name)
+    _save(RECT, w / 'ground_truth' / 'ko' / '000.png')             # same stem as the image
+    _save(RECT, w / 'ground_truth' / 'ko' / '001_mask.png')        # MVTec naming wins over ...
+    _save(np.zeros((SIDE, SIDE), np.uint8), w / 'ground_truth' / 'ko' / '001.png')  # ... the same stem
+    _, test = build_datasets('mvtec', str(tmp_path), 'part', SIDE, MEAN, STD)
+    assert test.mask_valid == [True, True, False] and test.n_missing_masks == 1
+    for i in (0, 1):
+        assert torch.equal(test[i][2][0], torch.from_numpy(RECT > 0).float())
+
+
 def test_images_converted_to_rgb_exactly(mvtec_root):
     """At S equal to the image side the resize is the identity, so values are known exactly."""
     _, test = build_datasets('mvtec', mvtec_root, 'widget', SIDE, MEAN, STD)

@@ -117,6 +117,22 @@ def test_compiled_evaluation_matches_eager(trained, tmp_path):
     assert tested['timing']['compile_s'] > 0 and train_res['timing']['compile_s'] is None
 
 
+def test_compiled_training_follows_eager_training(trained, tmp_path):
+    """--compile in training: the compiled training step and encoder follow the eager run's loss curve and
+    reach its figures; compiling happens before training and is reported apart."""
+    work, out, _ = trained
+    proc = run_main(*COMMON, '--data-path', str(work / 'data'), '--output-dir', str(tmp_path), '--meta-epochs', '2',
+                    '--sub-epochs', '1', '--compile', cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Compiled the training step and evaluation forward pass' in proc.stdout
+    eager, compiled = _result(out), _result(tmp_path)
+    for a, b in zip(eager['history'], compiled['history'], strict=True):
+        assert b['train_loss'] == pytest.approx(a['train_loss'], rel=1e-4)
+        for key in ('image_auroc', 'pixel_auroc', 'aupro'):
+            assert b[key] == pytest.approx(a[key], abs=0.5)
+    assert compiled['timing']['compile_s'] > 0
+
+
 def test_position_score_norm_is_saved_and_reused(trained, tmp_path):
     """--score-norm position: the training statistics are saved with the model and norm-test reproduces the
     run's figures; the easy defects are still found."""

@@ -92,3 +92,47 @@ def test_compiled_forward_is_built_once_per_encoder_and_drops_the_previous():
     gc.collect()
     assert gone() is None
     train._COMPILED.clear()
+
+
+class _TwoScaleEncoder(torch.nn.Module):
+    """A tiny random encoder with two scales (strides 2 and 4), channels CHANNELS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = torch.nn.Conv2d(3, CHANNELS[0], 3, stride=2, padding=1)
+        self.b = torch.nn.Conv2d(CHANNELS[0], CHANNELS[1], 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        a = torch.tanh(self.a(x))
+        return [a, torch.tanh(self.b(a))]
+
+
+def _grids(cfg: Config, images: torch.Tensor, encoder, decoders) -> list[torch.Tensor]:
+    n = images.shape[0]
+    data = torch.utils.data.TensorDataset(images, torch.zeros(n, dtype=torch.long), torch.zeros(n, 1, 16, 16),
+                                          torch.ones(n, dtype=torch.bool))
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    positions = train.PositionCache(cfg.condition_dim, torch.device('cpu'))
+    with torch.no_grad():
+        return train.infer_log_probs(cfg, encoder, decoders, loader, positions, torch.device('cpu'), False,
+                                     'test').log_probs
+
+
+@pytest.mark.parametrize('tta', ['hflip', 'flips'])
+def test_tta_averages_the_grids_of_the_flipped_images(tta):
+    """--tta equals scoring the flipped copies one by one, flipping their grids back and averaging."""
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    plain = Config(condition_dim=16, progress=False)
+    encoder, decoders = _TwoScaleEncoder(), _decoders(plain)
+    got = _grids(plain.replace(tta=tta), images, encoder, decoders)
+    flips = train.TTA_FLIPS[tta]
+    brute = [torch.zeros_like(g) for g in got]
+    for dims in flips:
+        for acc, g in zip(brute, _grids(plain, images.flip(dims) if dims else images, encoder, decoders)):
+            acc += (g.flip(dims) if dims else g) / len(flips)
+    for g, b in zip(got, brute):
+        assert g.shape == (3, *b.shape[1:])
+        torch.testing.assert_close(g, b, rtol=1e-5, atol=1e-5)
+    none = _grids(plain, images, encoder, decoders)
+    assert not torch.allclose(got[0], none[0], atol=1e-3)

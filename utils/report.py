@@ -64,7 +64,7 @@ _PAPER_COLUMNS = {
 # six always appear in the label; the others only where the results differ in them.
 _BASE_KEYS = ('dataset', 'enc_arch', 'dec_arch', 'pool_layers', 'coupling_blocks', 'action_type')
 _EXTRA_KEYS = ('meta_epochs', 'sub_epochs', 'lr', 'batch_size', 'fiber_batch', 'score_norm',
-               'encoder_weights', 'precision', 'adam_mode')
+               'encoder_weights', 'precision', 'adam_mode', 'tta')
 
 CSV_FIELDS = (['configuration', *_BASE_KEYS, 'class_name', 'input_size', 'row', 'status', 'error', 'n_runs',
                'n_failed', 'n_classes']
@@ -156,6 +156,8 @@ def _setting(result: dict, key: str) -> object:
         return _action_type(result)
     if key == 'dataset':
         return result.get('dataset', config.get('dataset'))
+    if key == 'tta':
+        return config.get(key, 'none')  # results written before --tta existed
     return config.get(key)
 
 
