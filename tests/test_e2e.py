@@ -154,6 +154,15 @@ def test_position_score_norm_is_saved_and_reused(trained, tmp_path):
     tested = _result(tmp_path, '_norm-test')
     for key in ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow'):
         assert tested['last'][key] == pytest.approx(res['last'][key], abs=1e-6)
+    # test-time flips: the same model scored with mirrored copies averaged in (statistics recomputed for them)
+    flipped = run_main(*args, '--action-type', 'norm-test', '--checkpoint', str(ckpt_path), '--tta', 'hflip',
+                       '--output-dir', str(tmp_path / 'tta'), cwd=work)
+    assert flipped.returncode == 0, flipped.stderr[-3000:]
+    assert 'test-time flips hflip' in flipped.stdout
+    with_tta = json.loads((tmp_path / 'tta' / 'results' / f'{res["model_name"]}_norm-test.json').read_text())
+    assert with_tta['config']['tta'] == 'hflip'
+    assert with_tta['last']['image_auroc'] >= 90 and with_tta['last']['pixel_auroc'] >= 90, with_tta['last']
+    assert with_tta['last']['pixel_auroc'] != tested['last']['pixel_auroc']
 
 
 def test_interrupted_run_resumes_identically(trained, tmp_path):
