@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ from custom_datasets import build_datasets, default_data_path, list_classes
 from custom_models.encoders import Encoder, build_encoder
 from custom_models.flow import build_decoder
 from train import (METRIC_NAMES, BestTracker, PositionCache, TrainState, compile_model, evaluate, format_metric,
-                   make_optimizer, peak_rss_mb, set_seed, train_meta_epoch, train_reference)
+                   make_optimizer, peak_rss_mb, restore_rng_state, rng_state, set_seed, train_meta_epoch,
+                   train_reference)
 from utils.checkpoint import load_checkpoint, load_decoders, save_checkpoint
 from utils.errors import UserError
 from utils.io import atomic_write_bytes, atomic_write_text, write_json
@@ -88,23 +88,6 @@ def output_paths(cfg: Config) -> dict[str, Path]:
             'maps': root / 'results' / f'{cfg.model_name}_maps.npz',
             'weights': root / 'weights' / f'{cfg.model_name}.pt',
             'viz': root / 'viz' / cfg.model_name}
-
-
-def rng_state(loader_generator: torch.Generator | None) -> dict:
-    return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()[1].tolist(),
-            'numpy_pos': int(np.random.get_state()[2]), 'python': list(random.getstate()[1]),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            'loader': loader_generator.get_state() if loader_generator is not None else None}
-
-
-def restore_rng_state(state: dict, loader_generator: torch.Generator | None) -> None:
-    torch.set_rng_state(state['torch'])
-    np.random.set_state(('MT19937', np.asarray(state['numpy'], dtype=np.uint32), state['numpy_pos'], 0, 0.0))
-    random.setstate((3, tuple(state['python']), None))
-    if state.get('cuda') and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-    if loader_generator is not None and state.get('loader') is not None:
-        loader_generator.set_state(state['loader'])
 
 
 def restore_zero_grads(optimizer: torch.optim.Optimizer, adam_mode: str) -> None:

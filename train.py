@@ -37,6 +37,25 @@ def set_seed(seed: int, cuda: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def rng_state(loader_generator: torch.Generator | None) -> dict:
+    """Every random state a run draws from (Python, numpy, torch, CUDA, the training loader's generator)."""
+    return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()[1].tolist(),
+            'numpy_pos': int(np.random.get_state()[2]), 'python': list(random.getstate()[1]),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'loader': loader_generator.get_state() if loader_generator is not None else None}
+
+
+def restore_rng_state(state: dict, loader_generator: torch.Generator | None) -> None:
+    """Put back what :func:`rng_state` returned."""
+    torch.set_rng_state(state['torch'])
+    np.random.set_state(('MT19937', np.asarray(state['numpy'], dtype=np.uint32), state['numpy_pos'], 0, 0.0))
+    random.setstate((3, tuple(state['python']), None))
+    if state.get('cuda') and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    if loader_generator is not None and state.get('loader') is not None:
+        loader_generator.set_state(state['loader'])
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -290,29 +309,25 @@ def compile_model(cfg: Config, encoder: Encoder, decoders, positions: PositionCa
     if not cfg.compile:
         return None
     start = time.perf_counter()
-    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-           torch.cuda.get_rng_state_all() if device.type == 'cuda' else None)
+    rng = rng_state(None)
     for d in decoders:
         d.eval()
     chunk = torch.zeros(TEST_ENCODER_CHUNK, 3, cfg.input_size, cfg.input_size)
     with torch.no_grad():
-        features = _chunk_log_probs(cfg, encoder, decoders, chunk, [None] * len(decoders), positions, device)
+        _chunk_log_probs(cfg, encoder, decoders, chunk, [None] * len(decoders), positions, device)
     if training:
         step = _compiled(encoder)['step']
-        for decoder, feat in zip(decoders, features):
+        conds = torch.zeros(cfg.fiber_batch, cfg.condition_dim, device=device)  # as in training, always given
+        for decoder in decoders:
             decoder.train()
-            conds = condition_fibers(positions(feat.shape[1], feat.shape[2]), 1)[:1].expand(cfg.fiber_batch, -1)
             fibers = torch.zeros(cfg.fiber_batch, decoder.shapes[0][0], device=device)
             with autocast(device, cfg.precision):
-                loss = step(decoder, fibers, conds.contiguous())  # as in training, where conds are always given
+                loss = step(decoder, fibers, conds)
             loss.mean().backward()
             for p in decoder.parameters():
                 p.grad = None
-    random.setstate(rng[0])
-    np.random.set_state(rng[1])
-    torch.set_rng_state(rng[2])
-    if rng[3] is not None:
-        torch.cuda.set_rng_state_all(rng[3])
+    restore_rng_state(rng, None)
+    if device.type == 'cuda':
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
