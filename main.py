@@ -175,24 +175,49 @@ def check_checkpoint_config(cfg: Config, ckpt: dict, source: str) -> None:
               flush=True)
 
 
+PIXEL_HISTOGRAM_BINS = 200
+
+
 def save_visuals(cfg: Config, ev, test_set, mean, std, folder: Path) -> None:
-    """Anomaly-map figures per test image and a score histogram, from the last evaluation."""
-    from utils.visualize import denormalize, f1_threshold, save_anomaly_figures, save_score_histogram
+    """Anomaly-map figures per test image and a score histogram, from the last evaluation, a batch of test
+    images at a time."""
+    from tqdm import tqdm
+
+    from utils.visualize import (denormalize, f1_threshold, histogram_edges, pixel_histogram, save_anomaly_figures,
+                                 save_score_histogram, unique_file_names)
     loader = DataLoader(test_set, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
-    images = np.concatenate([denormalize(x.numpy(), mean, std) for x, _, _, _ in loader])
-    pixel_thr = f1_threshold(ev.masks[ev.valid].ravel(), ev.maps[ev.valid].ravel()) if ev.valid.any() else None
     image_thr = f1_threshold(ev.labels, ev.scores) if len(set(ev.labels.tolist())) > 1 else None
-    print(f'viz thresholds (F1-optimal on the test set, test-selected): image {image_thr}, pixel {pixel_thr}',
-          flush=True)
-    save_anomaly_figures(str(folder), images, ev.masks, ev.maps, ev.labels, ev.scores, test_set.names,
-                         pixel_thr, image_thr, progress=cfg.progress)
-    save_score_histogram(str(folder / 'score_histogram.png'), ev.masks, ev.maps, ev.labels, ev.scores)
+    print(f'viz thresholds (F1-optimal on the test set, test-selected): image {image_thr}, '
+          f'pixel {ev.pixel_threshold}', flush=True)
+    names = list(test_set.names)
+    file_names = unique_file_names(names)
+    edges = histogram_edges(*ev.map_range, PIXEL_HISTOGRAM_BINS)
+    counts = [np.zeros(PIXEL_HISTOGRAM_BINS, dtype=np.int64), np.zeros(PIXEL_HISTOGRAM_BINS, dtype=np.int64)]
+    vmax = ev.map_range[1] if np.isfinite(ev.map_range[1]) else None
+    start = 0
+    for x, *_ in tqdm(loader, desc='figures', unit='batch', leave=False, disable=not cfg.progress):
+        stop = start + x.shape[0]
+        maps = ev.maps(start, stop).numpy()
+        masks = ev.masks(start, stop)
+        save_anomaly_figures(str(folder), denormalize(x.numpy(), mean, std), masks, maps, ev.labels[start:stop],
+                             ev.scores[start:stop], names[start:stop], ev.pixel_threshold, image_thr,
+                             progress=False, vmax=vmax, file_names=file_names[start:stop])
+        if edges is not None:
+            for total, part in zip(counts, pixel_histogram(masks, maps, edges)):
+                total += part
+        start = stop
+    save_score_histogram(str(folder / 'score_histogram.png'), edges, *counts, ev.labels, ev.scores)
     print(f'Figures written to {folder}', flush=True)
 
 
 def save_maps(path: Path, ev, names: list[str]) -> None:
+    """All anomaly maps and masks in one compressed file (held in memory at image size while written)."""
+    n = len(ev.labels)
+    maps = ev.maps(0, n).numpy()
+    masks = ev.masks(0, n)
+
     def writer(f):
-        np.savez_compressed(f, maps=ev.maps.astype(np.float32), masks=ev.masks, mask_valid=ev.valid,
+        np.savez_compressed(f, maps=maps.astype(np.float32), masks=masks, mask_valid=ev.valid,
                             labels=ev.labels, scores=ev.scores, names=np.asarray(names))
     atomic_write_bytes(path, writer)
     print(f'Anomaly maps written to {path}', flush=True)

@@ -6,6 +6,7 @@ import math
 import random
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,8 @@ from custom_models.flow import (condition_fibers, condition_tables, fiber_log_pr
                                 grid_log_prob, positional_encoding_2d)
 from utils import metrics
 from utils.schedule import cosine_lr, learning_rate
-from utils.scoring import anomaly_maps, image_scores, layer_maxima, position_maps, position_stats
+from utils.scoring import (MapChunks, anomaly_map_chunks, layer_maxima, position_map_chunks,
+                           position_stats)
 
 METRIC_NAMES = ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')
 
@@ -190,10 +192,15 @@ class EvalOutput:
     """Per-scale log-likelihoods of an image set and what the metrics need."""
     log_probs: list[Tensor]  # per scale (N, H_l, W_l) float32, per-dimension log-likelihood
     labels: np.ndarray  # (N,) int
-    masks: np.ndarray | None  # (N, S, S) bool, None when not collected
+    masks: np.ndarray | None  # (N, S, ceil(S / 8)) uint8, np.packbits of the bool masks along the width
     mask_valid: np.ndarray  # (N,) bool
     loss: float
     forward_s: float
+
+    def mask_chunk(self, start: int, stop: int) -> np.ndarray:
+        """The (stop - start, S, S) bool masks of images start..stop-1."""
+        size = self.masks.shape[1]
+        return np.unpackbits(self.masks[start:stop], axis=-1, count=size).astype(bool)
 
 
 _COMPILED: dict = {}  # with --compile: the current encoder, its compiled form and the compiled grid scoring
@@ -346,7 +353,8 @@ def infer_log_probs(cfg: Config, encoder: Encoder, decoders, loader: DataLoader,
     log_probs: list[Tensor] | None = None
     labels = np.zeros(n_images, dtype=np.int64)
     valid = np.zeros(n_images, dtype=bool)
-    masks = np.zeros((n_images, cfg.input_size, cfg.input_size), dtype=bool) if collect_masks else None
+    packed_width = (cfg.input_size + 7) // 8
+    masks = np.zeros((n_images, cfg.input_size, packed_width), dtype=np.uint8) if collect_masks else None
     loss_sum, loss_count, offset = 0.0, 0, 0
     tables: list = [None] * len(decoders)
     start = time.perf_counter()
@@ -357,7 +365,7 @@ def infer_log_probs(cfg: Config, encoder: Encoder, decoders, loader: DataLoader,
             labels[offset:offset + n] = label.numpy()
             valid[offset:offset + n] = mask_valid.numpy()
             if masks is not None:
-                masks[offset:offset + n] = mask[:, 0].numpy() > 0.5
+                masks[offset:offset + n] = np.packbits(mask[:, 0].numpy() > 0.5, axis=-1)
             for chunk in image.split(TEST_ENCODER_CHUNK):  # bounds the encoder's activation memory
                 b = chunk.shape[0]
                 outs = _augmented_log_probs(cfg, encoder, decoders, chunk, tables, positions, device)
@@ -378,52 +386,80 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
 
-def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray,
-                    valid: np.ndarray, pro: bool, cfg: Config, timing: dict | None = None) -> dict:
-    """Image AUROC, pixel AUROC and (with ``pro``) both AUPRO variants, in percent (None when undefined)."""
-    out = {'image_auroc': _pct(metrics.image_auroc(labels, scores)),
-           'pixel_auroc': None, 'aupro': None, 'aupro_cflow': None}
-    if masks is None or not valid.any():
-        return out
-    out['pixel_auroc'] = _pct(metrics.pixel_auroc(masks, maps, valid))
-    if pro:
-        t = time.perf_counter()
-        out['aupro'] = _pct(metrics.aupro(masks, maps, valid, fpr_limit=cfg.aupro_fpr_limit))
-        t2 = time.perf_counter()
-        out['aupro_cflow'] = _pct(metrics.aupro_cflow(masks, maps, valid, num_thresholds=cfg.aupro_cflow_thresholds,
-                                                      fpr_limit=cfg.aupro_fpr_limit))
-        if timing is not None:
-            timing['aupro_s'] = t2 - t
-            timing['aupro_cflow_s'] = time.perf_counter() - t2
-    return out
+SCORING_CHUNK_PIXELS = 1 << 20  # anomaly-map pixels made at a time when scoring (bounds its memory)
 
 
-def per_defect_metrics(defect_types: list[str], labels: np.ndarray, scores: np.ndarray, masks, maps, valid,
-                       pro: bool, cfg: Config) -> dict:
-    """Metrics of each defect type against all normal test images."""
+def measure(maps: MapChunks, out: EvalOutput, out_size: int, defect_types: list[str], pro: bool,
+            fpr_limit: float, cflow_thresholds: int) -> dict:
+    """Image scores, metrics (in percent; None when undefined) and per-defect metrics of one scored set.
+
+    The anomaly maps are made a chunk of images at a time, once per pass of
+    :class:`utils.metrics.PixelMetrics` (usually two), so that memory grows with the number of images only
+    through the feature-resolution log-likelihoods and the packed masks. Per defect type, the metrics count
+    that type's images and all normal images. Returns a dict with ``scores``, ``metrics``, ``per_defect``,
+    ``pixel_threshold`` (the F1-optimal map threshold over the valid images: test-selected, for figures),
+    ``map_range`` (smallest and largest map value), ``passes`` (how many times the maps were made) and
+    ``seconds`` (work specific to each AUPRO variant).
+    """
+    labels = out.labels
+    n = len(labels)
     types = np.asarray(defect_types)
+    kinds = sorted(set(defect_types) - {'good'})
     normal = labels == 0
-    result = {}
-    for name in sorted(set(defect_types) - {'good'}):
-        sel = normal | (types == name)
-        result[name] = {'n_images': int((types == name).sum()),
-                        **compute_metrics(labels[sel], scores[sel], None if masks is None else masks[sel],
-                                          maps[sel], valid[sel], pro, cfg)}
-    return result
+    pixel = None
+    if out.masks is not None and out.mask_valid.any():
+        subsets = {'': out.mask_valid, **{k: out.mask_valid & (normal | (types == k)) for k in kinds}}
+        pixel = metrics.PixelMetrics(n, subsets, pro, fpr_limit, cflow_thresholds, metrics.MAX_DEFECT_PIXELS)
+    scores = np.empty(n, dtype=np.float64)
+    low, high = math.inf, -math.inf
+    step = max(1, SCORING_CHUNK_PIXELS // (out_size * out_size))
+    sweep = 0
+    while sweep == 0 or (pixel is not None and not pixel.done):
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            chunk = maps(start, stop).numpy()
+            if sweep == 0:
+                flat = chunk.reshape(stop - start, -1)
+                scores[start:stop] = flat.max(axis=1)
+                low, high = min(low, float(flat.min())), max(high, float(flat.max()))
+            if pixel is not None:
+                pixel.add(np.arange(start, stop), chunk, out.mask_chunk(start, stop))
+        if pixel is not None:
+            pixel.end_pass()
+        sweep += 1
+
+    def values(name: str, selected: np.ndarray) -> dict:
+        result = {'image_auroc': _pct(metrics.image_auroc(labels[selected], scores[selected])),
+                  'pixel_auroc': None, 'aupro': None, 'aupro_cflow': None}
+        if pixel is not None:
+            result['pixel_auroc'] = _pct(pixel.pixel_auroc(name))
+            if pro:
+                result['aupro'] = _pct(pixel.aupro(name))
+                result['aupro_cflow'] = _pct(pixel.aupro_cflow(name))
+        return result
+
+    result = values('', np.ones(n, dtype=bool))
+    per_defect = {k: {'n_images': int((types == k).sum()), **values(k, normal | (types == k))} for k in kinds}
+    return {'scores': scores, 'metrics': result, 'per_defect': per_defect,
+            'pixel_threshold': pixel.f1_threshold('') if pixel is not None else None,
+            'map_range': (low, high), 'passes': sweep,
+            'seconds': dict(pixel.seconds) if pixel is not None else {'aupro': 0.0, 'aupro_cflow': 0.0}}
 
 
 @dataclass
 class Evaluation:
-    """Scores and metrics of one evaluation of the test set."""
+    """Scores and metrics of one evaluation of the test set; maps and masks are made on request."""
     metrics: dict
     per_defect: dict
     test_loss: float
-    maps: np.ndarray
     scores: np.ndarray
-    masks: np.ndarray
     labels: np.ndarray
     valid: np.ndarray
     timing: dict
+    maps: MapChunks  # maps(start, stop) -> (n, S, S) float32 tensor
+    masks: Callable[[int, int], np.ndarray]  # masks(start, stop) -> (n, S, S) bool
+    pixel_threshold: float | None  # F1-optimal map threshold over the valid images (test-selected)
+    map_range: tuple[float, float]  # smallest and largest map value
 
 
 def evaluate(cfg: Config, encoder: Encoder, decoders, test_loader: DataLoader, positions: PositionCache,
@@ -434,33 +470,34 @@ def evaluate(cfg: Config, encoder: Encoder, decoders, test_loader: DataLoader, p
     start = time.perf_counter()
     out = infer_log_probs(cfg, encoder, decoders, test_loader, positions, device, True, 'test')
     t = time.perf_counter()
-    maps = score_maps(cfg.score_norm, out.log_probs, cfg.input_size, reference)
-    scores = image_scores(maps).numpy()
-    maps_np = maps.numpy()
-    timing: dict = {'aupro_s': None, 'aupro_cflow_s': None}
-    result = compute_metrics(out.labels, scores, out.masks, maps_np, out.mask_valid, cfg.pro, cfg, timing)
-    per_defect = per_defect_metrics(test_loader.dataset.defect_types, out.labels, scores, out.masks, maps_np,
-                                    out.mask_valid, cfg.pro, cfg)
+    maps = score_map_chunks(cfg.score_norm, out.log_probs, cfg.input_size, reference)
+    scored = measure(maps, out, cfg.input_size, test_loader.dataset.defect_types, cfg.pro, cfg.aupro_fpr_limit,
+                     cfg.aupro_cflow_thresholds)
     end = time.perf_counter()
-    aupro_total = (timing['aupro_s'] or 0.0) + (timing['aupro_cflow_s'] or 0.0)
+    aupro_s = scored['seconds']['aupro'] if cfg.pro else None
+    aupro_cflow_s = scored['seconds']['aupro_cflow'] if cfg.pro else None
     n = len(out.labels)
-    timing.update(test_forward_s=out.forward_s, test_images_per_s=n / out.forward_s if out.forward_s > 0 else None,
-                  scoring_s=end - t - aupro_total, eval_s=end - start)
+    timing = {'aupro_s': aupro_s, 'aupro_cflow_s': aupro_cflow_s, 'test_forward_s': out.forward_s,
+              'test_images_per_s': n / out.forward_s if out.forward_s > 0 else None,
+              'scoring_s': end - t - (aupro_s or 0.0) - (aupro_cflow_s or 0.0), 'eval_s': end - start}
     heights = [lp.shape[1] for lp in out.log_probs]
     widths = [lp.shape[2] for lp in out.log_probs]
     print(f'Heights/Widths {heights} {widths}', flush=True)
-    return Evaluation(metrics=result, per_defect=per_defect, test_loss=out.loss, maps=maps_np, scores=scores,
-                      masks=out.masks, labels=out.labels, valid=out.mask_valid, timing=timing)
+    return Evaluation(metrics=scored['metrics'], per_defect=scored['per_defect'], test_loss=out.loss,
+                      scores=scored['scores'], labels=out.labels, valid=out.mask_valid, timing=timing, maps=maps,
+                      masks=out.mask_chunk,
+                      pixel_threshold=scored['pixel_threshold'], map_range=scored['map_range'])
 
 
-def score_maps(score_norm: str, log_probs: list[Tensor], out_size: int, reference: list | None) -> Tensor:
-    """Anomaly maps under ``--score-norm``: 'test' and 'train' as :func:`utils.scoring.anomaly_maps` (with
-    the test-set or the given training maxima), 'position' as :func:`utils.scoring.position_maps`."""
+def score_map_chunks(score_norm: str, log_probs: list[Tensor], out_size: int, reference: list | None) -> MapChunks:
+    """Anomaly maps under ``--score-norm``, a range of images at a time: 'test' and 'train' as
+    :func:`utils.scoring.anomaly_maps` (with the test-set or the given training maxima), 'position' as
+    :func:`utils.scoring.position_maps`."""
     if score_norm == 'position':
         if reference is None:
             raise ValueError("--score-norm position needs the training images' position statistics")
-        return position_maps(log_probs, reference, out_size)
-    return anomaly_maps(log_probs, out_size, None if score_norm == 'test' else reference)
+        return position_map_chunks(log_probs, reference, out_size)
+    return anomaly_map_chunks(log_probs, out_size, None if score_norm == 'test' else reference)
 
 
 def train_reference(cfg: Config, encoder: Encoder, decoders, train_eval_loader: DataLoader,

@@ -1,4 +1,4 @@
-"""The Magnetic Tile benchmark's synthetic validation defects (bench/mtd.py)."""
+"""The benchmark scripts: bench/mtd.py (its synthetic validation defects) and bench/eval_memory.py."""
 import sys
 from pathlib import Path
 
@@ -58,3 +58,19 @@ def test_recipe_and_scorings_are_valid_command_lines():
         for score_norm, tta in mtd.SCORINGS:
             cfg = parse_config(mtd.recipe_args({**cand, 'score_norm': score_norm, 'tta': tta}))
             assert (cfg.score_norm, cfg.tta, cfg.input_size) == (score_norm, tta, cand['input_size'])
+
+
+def test_eval_memory_bench_runs_and_cutting_the_score_axis_keeps_the_metrics():
+    """bench/eval_memory.py end to end on a tiny grid, with every defect pixel held at once and with a budget
+    that cuts the score axis into many ranges: more passes, the same metrics."""
+    import json
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / 'bench' / 'eval_memory.py'
+    rows = []
+    for budget in (1 << 21, 64):
+        proc = subprocess.run([sys.executable, str(script), '--child', '6', '64', str(budget)],
+                              stdout=subprocess.PIPE, text=True, check=True)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert rows[0]['passes'] == 2 and rows[1]['passes'] > 4
+    for key in ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow'):
+        assert rows[0][key] is not None and rows[0][key] == pytest.approx(rows[1][key], abs=1e-9)

@@ -198,15 +198,20 @@ def test_position_maps_brute_force_and_per_image():
         position_maps([torch.zeros(1, 3, 3), torch.zeros(1, 2, 2)], stats, 8)
 
 
-def test_score_maps_dispatch():
-    from train import score_maps
-    lps = [torch.randn(2, 4, 4), torch.randn(2, 2, 2)]
-    assert torch.allclose(score_maps('test', lps, 8, None), anomaly_maps(lps, 8))
-    assert torch.allclose(score_maps('train', lps, 8, [1.0, 2.0]), anomaly_maps(lps, 8, [1.0, 2.0]))
+def test_score_map_chunks_dispatch_and_ranges():
+    from train import score_map_chunks
+    torch.manual_seed(0)
+    lps = [torch.randn(5, 4, 4), torch.randn(5, 2, 2)]
     stats = position_stats(lps)
-    assert torch.allclose(score_maps('position', lps, 8, stats), position_maps(lps, stats, 8))
+    for norm, ref, whole in (('test', None, anomaly_maps(lps, 8)),
+                             ('train', [1.0, 2.0], anomaly_maps(lps, 8, [1.0, 2.0])),
+                             ('position', stats, position_maps(lps, stats, 8))):
+        maps = score_map_chunks(norm, lps, 8, ref)
+        assert torch.equal(maps(0, 5), whole)
+        # any range gives the same maps as the whole set (the test-set offset is the whole set's)
+        assert torch.equal(torch.cat([maps(0, 2), maps(2, 3), maps(3, 5)]), whole)
     with pytest.raises(ValueError):
-        score_maps('position', lps, 8, None)
+        score_map_chunks('position', lps, 8, None)
 
 
 def test_grid_inference_equals_fiber_by_fiber():

@@ -7,7 +7,8 @@ from skimage.measure import label, regionprops
 from sklearn.metrics import auc, roc_auc_score
 
 from utils.errors import UserError
-from utils.metrics import _first_predicted, aupro, aupro_cflow, image_auroc, per_region_labels, pixel_auroc
+from utils.metrics import (PixelMetrics, _threshold_histogram, aupro, aupro_cflow, image_auroc, per_region_labels,
+                           pixel_auroc)
 
 TOL = 1e-4
 
@@ -219,14 +220,14 @@ def test_aupro_cflow_scores_on_thresholds_are_not_predicted():
     assert aupro_cflow(masks, grid, num_thresholds=steps, fpr_limit=0.6) == pytest.approx(expected, abs=TOL)
 
 
-@pytest.mark.parametrize('high,low,num', [(1.0, 0.1, 1000), (0.7, -0.3, 997), (1e-3, -2.9, 333)])
-def test_first_predicted_matches_binary_search(high, low, num):
+@pytest.mark.parametrize('high,low,num', [(1.0, 0.1, 1000), (0.7, -0.3, 997), (1e-3, -2.9, 333), (0.5, 0.5, 10)])
+def test_threshold_histogram_matches_binary_search(high, low, num):
     delta = (high - low) / num
     taus = high - np.arange(num, dtype=np.float64) * delta
-    values = np.concatenate([taus, np.nextafter(taus, np.inf), np.nextafter(taus, -np.inf), [low]])
-    values = values[values <= high]
-    expected = num - np.searchsorted(taus[::-1], values, side='left')
-    np.testing.assert_array_equal(_first_predicted(values, taus, delta), expected)
+    values = np.concatenate([taus, np.nextafter(taus, np.inf), np.nextafter(taus, -np.inf), [low, low]])
+    values = np.sort(values[values <= high])
+    first_k = num - np.searchsorted(taus[::-1], values, side='left')  # number of thresholds >= v
+    np.testing.assert_array_equal(_threshold_histogram(values, taus), np.bincount(first_k, minlength=num + 1))
 
 
 def test_aupro_cflow_uses_hole_filled_regions():
@@ -275,3 +276,75 @@ def test_per_region_labels_eight_connectivity():
     assert labels.dtype == np.int32 and labels.max() == 2
     assert labels[0, 0] == labels[3, 3] != labels[7, 0]
     assert (labels == 0).sum() == (~mask).sum()
+
+
+# ----- streaming: PixelMetrics over chunks and subsets -----
+
+def _stream(masks, maps, subsets, chunks, pro=True, **kwargs):
+    """PixelMetrics fed in the given chunks (lists of image indices, any order), every pass."""
+    pm = PixelMetrics(len(maps), subsets, pro, **kwargs)
+    while not pm.done:
+        for idx in chunks:
+            idx = np.asarray(idx)
+            pm.add(idx, maps[idx], masks[idx])
+        pm.end_pass()
+    return pm
+
+
+@pytest.mark.parametrize('seed,levels,dtype', [(20, None, np.float32), (21, 12, np.float64), (22, 30, np.float32)])
+@pytest.mark.parametrize('budget', [1 << 22, 300, 40, 2])
+def test_pixel_metrics_chunks_and_subsets_equal_whole_set(seed, levels, dtype, budget):
+    from utils.visualize import f1_threshold
+    masks, maps = random_case(seed, n=7, levels=levels)
+    maps = maps.astype(dtype)
+    rng = np.random.default_rng(seed)
+    valid = np.ones(7, dtype=bool)
+    valid[4] = False
+    subsets = {'valid': valid, 'some': valid & np.isin(np.arange(7), [0, 1, 3, 5]), 'none': np.zeros(7, bool)}
+    order = rng.permutation(7)
+    chunks = [order[:3], order[3:4], order[4:]]
+    pm = _stream(masks, maps, subsets, chunks, fpr_limit=0.3, cflow_thresholds=200, max_defect_pixels=budget)
+    # all defect pixels at once (two passes), or ranges of at most half the budget (one pass each, plus two)
+    assert pm.passes == 2 if budget > masks.sum() else pm.passes > 4
+    for name, sel in subsets.items():
+        if not sel.any():
+            assert pm.pixel_auroc(name) is None and pm.aupro(name) is None and pm.aupro_cflow(name) is None
+            continue
+        expected_auroc = roc_auc_score(masks[sel].ravel(), maps[sel].ravel())
+        assert pm.pixel_auroc(name) == pytest.approx(expected_auroc, abs=1e-12)
+        assert pm.aupro(name) == pytest.approx(aupro(masks[sel], maps[sel]), abs=1e-12)
+        assert pm.aupro(name) == pytest.approx(brute_aupro(masks[sel], maps[sel].astype(np.float64), 0.3), abs=TOL)
+        assert pm.aupro_cflow(name) == pytest.approx(brute_aupro_cflow(masks[sel], maps[sel], 200), abs=TOL)
+        assert pm.score_range(name) == (pytest.approx(float(maps[sel].min())), pytest.approx(float(maps[sel].max())))
+        assert pm.f1_threshold(name) == f1_threshold(masks[sel], maps[sel])
+
+
+@pytest.mark.parametrize('levels', [None, 8])
+def test_pixel_metrics_f1_threshold_matches_precision_recall_curve(levels):
+    from utils.visualize import f1_threshold
+    masks, maps = random_case(23, n=6, levels=levels)
+    valid = np.array([True, True, True, False, True, True])
+    pm = _stream(masks, maps, {'v': valid}, [[0, 1], [2, 3, 4, 5]], pro=False)
+    assert pm.f1_threshold('v') == pytest.approx(f1_threshold(masks[valid], maps[valid]), abs=0)
+    empty = _stream(np.zeros_like(masks), maps, {'v': valid}, [range(6)], pro=False)
+    assert empty.f1_threshold('v') is None
+
+
+def test_pixel_metrics_needs_each_image_once_per_pass():
+    masks, maps = random_case(24)
+    pm = PixelMetrics(5, {'all': np.ones(5, dtype=bool)})
+    pm.add(np.arange(3), maps[:3], masks[:3])
+    with pytest.raises(ValueError):
+        pm.add(np.array([2]), maps[2:3], masks[2:3])  # shown twice
+    with pytest.raises(ValueError):
+        pm.end_pass()  # images 3 and 4 were not shown
+    pm = PixelMetrics(5, {'all': np.ones(5, dtype=bool), 'few': np.arange(5) < 2})
+    pm.add(np.arange(5), maps, masks)
+    pm.end_pass()
+    pm.add(np.arange(2, 5), maps[2:], masks[2:])  # images 0 and 1 belong to 'few' and 'all'
+    with pytest.raises(ValueError):
+        pm.pixel_auroc('all')  # not done
+    with pytest.raises(UserError):
+        PixelMetrics(5, {'all': np.ones(4, dtype=bool)})
+    with pytest.raises(UserError):
+        PixelMetrics(5, {'all': np.ones(5, dtype=bool)}).add(np.arange(5), np.where(masks, np.inf, maps), masks)

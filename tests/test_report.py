@@ -11,8 +11,8 @@ import pytest
 from utils.errors import UserError
 from utils.report import (CSV_FIELDS, MVTEC_CLASSES, PAPER_INPUT_SIZE, PAPER_TABLE3, build_table, format_csv,
                           format_markdown, load_results, main, write_table)
-from utils.visualize import (denormalize, f1_threshold, figure_file_name, save_anomaly_figures,
-                             save_score_histogram)
+from utils.visualize import (denormalize, f1_threshold, figure_file_name, histogram_edges, pixel_histogram,
+                             save_anomaly_figures, save_score_histogram, unique_file_names)
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -262,6 +262,22 @@ def test_save_anomaly_figures(tmp_path):
     assert sorted(p.name for p in (tmp_path / 'viz').iterdir()) == sorted(Path(p).name for p in paths)
 
 
+def test_save_anomaly_figures_in_chunks(tmp_path):
+    images, masks, maps, labels, scores = tiny_set(3)
+    names = ['good/000.png', 'a/x.png', 'a_x.png']  # the last two map to the same file name
+    file_names = unique_file_names(names)
+    assert file_names == ['good_000.png', 'a_x.png', 'a_x_1.png']
+    paths = []
+    for sl in (slice(0, 2), slice(2, 3)):
+        paths += save_anomaly_figures(str(tmp_path), images[sl], masks[sl], maps[sl], labels[sl], scores[sl],
+                                      names[sl], 1.5, None, progress=False, vmax=float(maps.max()),
+                                      file_names=file_names[sl])
+    assert [Path(p).name for p in paths] == file_names
+    with pytest.raises(UserError):
+        save_anomaly_figures(str(tmp_path), images, masks, maps, labels, scores, names, None, None,
+                             progress=False, file_names=file_names[:2])
+
+
 def test_save_anomaly_figures_single_image_no_thresholds(tmp_path):
     images, masks, maps, labels, scores = tiny_set(1)
     masks[:] = False
@@ -274,11 +290,22 @@ def test_save_anomaly_figures_single_image_no_thresholds(tmp_path):
         save_anomaly_figures(str(tmp_path), images, masks, maps, labels, scores, ['a', 'b'], None, None)
 
 
-def test_save_score_histogram(tmp_path):
+def test_pixel_histogram_sums_over_chunks_and_score_histogram(tmp_path):
     images, masks, maps, labels, scores = tiny_set(3)
+    edges = histogram_edges(float(maps.min()), float(maps.max()), 20)
+    normal, anomalous = pixel_histogram(masks, maps, edges)
+    assert normal.sum() == (~masks).sum() and anomalous.sum() == masks.sum()
+    parts = [pixel_histogram(masks[i:i + 1], maps[i:i + 1], edges) for i in range(3)]
+    np.testing.assert_array_equal(sum(p[0] for p in parts), normal)
+    np.testing.assert_array_equal(sum(p[1] for p in parts), anomalous)
+    np.testing.assert_array_equal(normal, np.histogram(maps[~masks], bins=edges)[0])
+    assert histogram_edges(1.0, np.inf, 5) is None
+    assert histogram_edges(2.0, 2.0, 4).tolist() == [2.0, 2.25, 2.5, 2.75, 3.0]
     path = tmp_path / 'h' / 'hist.png'
-    save_score_histogram(str(path), masks, maps, labels, scores)
+    save_score_histogram(str(path), edges, normal, anomalous, labels, scores)
     assert path.read_bytes()[:8] == PNG_MAGIC
     _, masks1, maps1, labels1, scores1 = tiny_set(1)
-    save_score_histogram(str(tmp_path / 'one.png'), np.zeros_like(masks1), maps1, labels1, scores1)
+    save_score_histogram(str(tmp_path / 'one.png'), None, np.zeros(0), np.zeros(0), labels1, scores1)
     assert (tmp_path / 'one.png').read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(UserError):
+        save_score_histogram(str(tmp_path / 'bad.png'), edges, normal[:-1], anomalous, labels, scores)

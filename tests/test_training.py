@@ -136,3 +136,53 @@ def test_tta_averages_the_grids_of_the_flipped_images(tta):
         torch.testing.assert_close(g, b, rtol=1e-5, atol=1e-5)
     none = _grids(plain, images, encoder, decoders)
     assert not torch.allclose(got[0], none[0], atol=1e-3)
+
+
+@pytest.mark.parametrize('score_norm,budget', [('test', 1 << 22), ('position', 1 << 22), ('test', 9)])
+def test_measure_in_chunks_equals_whole_set_metrics(monkeypatch, score_norm, budget):
+    """train.measure, one image per chunk (maps made twice), against metrics of the whole set's maps."""
+    import numpy as np
+
+    from utils import metrics, scoring
+    from utils.visualize import f1_threshold
+    rng = np.random.default_rng(3)
+    n, size = 8, 32
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    types = ['good', 'good', 'good', 'cut', 'cut', 'hole', 'hole', 'good']
+    masks = np.zeros((n, size, size), dtype=bool)
+    for i in np.flatnonzero(labels):
+        y, x = rng.integers(2, 20, 2)
+        masks[i, y:y + rng.integers(3, 10), x:x + rng.integers(3, 10)] = True
+    masks[6] = False  # a defective image whose mask is empty
+    valid = np.ones(n, dtype=bool)
+    valid[[4, 5]] = False  # defective images without a mask
+    log_probs = [torch.from_numpy(rng.normal(-1.0, 0.2, (n, size // s, size // s)).astype(np.float32))
+                 for s in (8, 16)]
+    log_probs[0][3, 1, 1] -= 2.0
+    out = train.EvalOutput(log_probs=log_probs, labels=labels, masks=np.packbits(masks, axis=-1),
+                           mask_valid=valid, loss=0.0, forward_s=1.0)
+    np.testing.assert_array_equal(out.mask_chunk(2, 5), masks[2:5])
+    reference = scoring.position_stats(log_probs) if score_norm == 'position' else None
+    whole = train.score_map_chunks(score_norm, log_probs, size, reference)(0, n).numpy()
+    monkeypatch.setattr(train, 'SCORING_CHUNK_PIXELS', 1)
+    monkeypatch.setattr(scoring, 'UPSAMPLE_CHUNK_PIXELS', 1)
+    monkeypatch.setattr(metrics, 'MAX_DEFECT_PIXELS', budget)
+    maps = train.score_map_chunks(score_norm, log_probs, size, reference)
+    got = train.measure(maps, out, size, types, pro=True, fpr_limit=0.3, cflow_thresholds=100)
+    scores = whole.reshape(n, -1).max(axis=1)
+    np.testing.assert_array_equal(got['scores'], scores)
+    assert got['map_range'] == (float(whole.min()), float(whole.max()))
+    assert got['pixel_threshold'] == f1_threshold(masks[valid], whole[valid])
+    for name, sel in (('', np.ones(n, dtype=bool)), ('cut', labels == 0), ('hole', labels == 0)):
+        values = got['metrics'] if name == '' else got['per_defect'][name]
+        if name:
+            sel = sel | (np.asarray(types) == name)
+            assert values['n_images'] == types.count(name)
+        assert values['image_auroc'] == pytest.approx(100 * metrics.image_auroc(labels[sel], scores[sel]))
+        pixel_sel = sel & valid
+        for key, expected in (('pixel_auroc', metrics.pixel_auroc(masks, whole, pixel_sel)),
+                              ('aupro', metrics.aupro(masks, whole, pixel_sel)),
+                              ('aupro_cflow', metrics.aupro_cflow(masks, whole, pixel_sel, num_thresholds=100))):
+            assert values[key] == (None if expected is None else pytest.approx(100 * expected, abs=1e-9)), (name, key)
+    assert got['per_defect']['hole']['pixel_auroc'] is None  # its only image with a mask has an empty one
+    assert got['per_defect']['cut']['pixel_auroc'] is not None

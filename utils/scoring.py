@@ -13,26 +13,60 @@ def layer_maxima(log_probs: list[Tensor]) -> list[float]:
     return [float(lp.max()) for lp in log_probs]
 
 
+UPSAMPLE_CHUNK_PIXELS = 1 << 20  # output pixels upsampled at a time (bounds temporary memory)
+
+MapChunks = Callable[[int, int], Tensor]
+"""``maps(start, stop)``: the (stop - start, S, S) float32 anomaly maps of images start..stop-1."""
+
+
 def _upsampled_sum(log_probs: list[Tensor], per_scale: Callable[[int, Tensor], Tensor], out_size: int,
-                   chunk: int) -> Tensor:
-    """``sum_l upsample(per_scale(l, lp_l))`` over scales, ``chunk`` images at a time.
+                   start: int, stop: int, chunk: int) -> Tensor:
+    """``sum_l upsample(per_scale(l, lp_l))`` over scales for images start..stop-1, ``chunk`` images at a time.
 
     ``per_scale`` turns a float64 (n, H_l, W_l) slice of scale l into per-position values; each is upsampled
-    bilinearly (align_corners=True) to ``out_size`` and the float32 results are summed into (N, S, S).
+    bilinearly (align_corners=True) to ``out_size`` and the float32 results are summed into (n, S, S).
     """
-    n_images = log_probs[0].shape[0]
-    out = torch.zeros(n_images, out_size, out_size, dtype=torch.float32)
-    for start in range(0, n_images, chunk):
-        stop = min(start + chunk, n_images)
+    out = torch.zeros(stop - start, out_size, out_size, dtype=torch.float32)
+    for first in range(start, stop, chunk):
+        last = min(first + chunk, stop)
         for layer, lp in enumerate(log_probs):
-            values = per_scale(layer, lp[start:stop].double()).unsqueeze(1)
+            values = per_scale(layer, lp[first:last].double()).unsqueeze(1)
             up = F.interpolate(values, size=(out_size, out_size), mode='bilinear', align_corners=True)
-            out[start:stop] += up[:, 0].float()
+            out[first - start:last - start] += up[:, 0].float()
     return out
 
 
+def _images_per_chunk(out_size: int) -> int:
+    return max(1, UPSAMPLE_CHUNK_PIXELS // (out_size * out_size))
+
+
+def anomaly_map_chunks(log_probs: list[Tensor], out_size: int, norm_maxima: list[float] | None = None,
+                       chunk: int | None = None) -> MapChunks:
+    """:func:`anomaly_maps` a range of images at a time, so that the maps of a whole set need not be held.
+
+    With ``norm_maxima=None`` the test-set offset (the maximum of ``sum_l q_l`` over all images) is found
+    here, by one pass over the set in chunks."""
+    maxima = layer_maxima(log_probs) if norm_maxima is None else list(norm_maxima)
+    if len(maxima) != len(log_probs):
+        raise ValueError(f'{len(maxima)} maxima for {len(log_probs)} scales')
+
+    def per_scale(layer: int, lp: Tensor) -> Tensor:
+        return torch.exp(lp - maxima[layer])
+
+    n_images = log_probs[0].shape[0]
+    chunk = chunk or _images_per_chunk(out_size)
+    offset = float(len(log_probs))
+    if norm_maxima is None:
+        offset = max((float(_upsampled_sum(log_probs, per_scale, out_size, s, min(s + chunk, n_images),
+                                           chunk).max()) for s in range(0, n_images, chunk)), default=0.0)
+
+    def maps(start: int, stop: int) -> Tensor:
+        return offset - _upsampled_sum(log_probs, per_scale, out_size, start, stop, chunk)
+    return maps
+
+
 def anomaly_maps(log_probs: list[Tensor], out_size: int, norm_maxima: list[float] | None = None,
-                 chunk: int = 64) -> Tensor:
+                 chunk: int | None = None) -> Tensor:
     """Anomaly maps as CFLOW-AD builds them.
 
     Per scale l: ``q_l = exp(lp_l - m_l)``, upsampled bilinearly (align_corners=True) to the input size;
@@ -45,16 +79,11 @@ def anomaly_maps(log_probs: list[Tensor], out_size: int, norm_maxima: list[float
         log_probs: per scale, (N, H_l, W_l) per-dimension log-likelihoods.
         out_size: side of the square output maps.
         norm_maxima: per-scale maxima, or None for test-set normalisation.
-        chunk: images upsampled at a time (bounds temporary memory).
+        chunk: images upsampled at a time (bounds temporary memory); None: about a megapixel's worth.
     Returns:
         (N, out_size, out_size) float32 anomaly maps; higher is more anomalous.
     """
-    maxima = layer_maxima(log_probs) if norm_maxima is None else list(norm_maxima)
-    if len(maxima) != len(log_probs):
-        raise ValueError(f'{len(maxima)} maxima for {len(log_probs)} scales')
-    score = _upsampled_sum(log_probs, lambda layer, lp: torch.exp(lp - maxima[layer]), out_size, chunk)
-    offset = float(score.max()) if norm_maxima is None else float(len(log_probs))
-    return offset - score
+    return anomaly_map_chunks(log_probs, out_size, norm_maxima, chunk)(0, log_probs[0].shape[0])
 
 
 STD_FLOOR = 1e-3  # floor of a position's standard deviation (per-dimension log-likelihood units)
@@ -78,8 +107,27 @@ def position_stats(log_probs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
     return stats
 
 
+def position_map_chunks(log_probs: list[Tensor], stats: list[tuple[Tensor, Tensor]], out_size: int,
+                        chunk: int | None = None) -> MapChunks:
+    """:func:`position_maps` a range of images at a time."""
+    if len(stats) != len(log_probs):
+        raise ValueError(f'{len(stats)} statistics for {len(log_probs)} scales')
+    for lp, (mean, std) in zip(log_probs, stats):
+        if tuple(mean.shape) != tuple(lp.shape[1:]) or tuple(std.shape) != tuple(lp.shape[1:]):
+            raise ValueError(f'statistics of shape {tuple(mean.shape)} for a {tuple(lp.shape[1:])} grid')
+
+    def per_scale(layer: int, lp: Tensor) -> Tensor:
+        return (stats[layer][0].double() - lp) / stats[layer][1].double()
+
+    chunk = chunk or _images_per_chunk(out_size)
+
+    def maps(start: int, stop: int) -> Tensor:
+        return _upsampled_sum(log_probs, per_scale, out_size, start, stop, chunk)
+    return maps
+
+
 def position_maps(log_probs: list[Tensor], stats: list[tuple[Tensor, Tensor]], out_size: int,
-                  chunk: int = 64) -> Tensor:
+                  chunk: int | None = None) -> Tensor:
     """Anomaly maps from log-likelihoods standardised per position against reference statistics.
 
     Per scale l: ``z_l = (mean_l - lp_l) / std_l`` at each position of the scale's grid (``stats`` from
@@ -89,13 +137,7 @@ def position_maps(log_probs: list[Tensor], stats: list[tuple[Tensor, Tensor]], o
     Returns:
         (N, out_size, out_size) float32 anomaly maps; higher is more anomalous.
     """
-    if len(stats) != len(log_probs):
-        raise ValueError(f'{len(stats)} statistics for {len(log_probs)} scales')
-    for lp, (mean, std) in zip(log_probs, stats):
-        if tuple(mean.shape) != tuple(lp.shape[1:]) or tuple(std.shape) != tuple(lp.shape[1:]):
-            raise ValueError(f'statistics of shape {tuple(mean.shape)} for a {tuple(lp.shape[1:])} grid')
-    return _upsampled_sum(log_probs, lambda layer, lp: (stats[layer][0].double() - lp) / stats[layer][1].double(),
-                          out_size, chunk)
+    return position_map_chunks(log_probs, stats, out_size, chunk)(0, log_probs[0].shape[0])
 
 
 def image_scores(maps: Tensor) -> Tensor:

@@ -80,7 +80,8 @@ def figure_file_name(name: str, index: int) -> str:
     return f'{stem or f"{index:05d}"}.png'
 
 
-def _unique_file_names(names: Sequence[str]) -> list[str]:
+def unique_file_names(names: Sequence[str]) -> list[str]:
+    """:func:`figure_file_name` of each name, with a suffix where two would clash."""
     seen: set[str] = set()
     out = []
     for i, name in enumerate(names):
@@ -189,11 +190,14 @@ def _figure_title(name: str, label: int, score: float, image_threshold: float | 
 def save_anomaly_figures(out_dir: str, images: np.ndarray, masks: np.ndarray, maps: np.ndarray,
                          labels: np.ndarray, scores: np.ndarray, names: Sequence[str],
                          pixel_threshold: float | None, image_threshold: float | None,
-                         progress: bool = True) -> list[str]:
+                         progress: bool = True, vmax: float | None = None,
+                         file_names: Sequence[str] | None = None) -> list[str]:
     """Write one three-panel PNG per test image: ground truth, anomaly-map overlay, predicted region.
 
-    The map colour scale runs from 0 to the maximum over all maps, so figures compare across images.
-    Both thresholds are expected to be the test-selected F1-optimal ones (see ``f1_threshold``).
+    The map colour scale runs from 0 to ``vmax`` (default: the maximum over these maps), so figures compare
+    across images; a caller that writes a large set in several calls passes the set's maximum and the file
+    names of :func:`unique_file_names` over the whole set. Both thresholds are expected to be the
+    test-selected F1-optimal ones (see ``f1_threshold``).
 
     Args:
         out_dir: folder for the PNG files (created if missing).
@@ -206,6 +210,8 @@ def save_anomaly_figures(out_dir: str, images: np.ndarray, masks: np.ndarray, ma
         pixel_threshold: map threshold for the predicted region, or None.
         image_threshold: image-score threshold, or None.
         progress: show a tqdm progress bar.
+        vmax: top of the colour scale, or None for the largest finite value of ``maps``.
+        file_names: one PNG file name per image, or None for ``unique_file_names(names)``.
     Returns:
         The written file paths, in image order.
     """
@@ -218,12 +224,17 @@ def save_anomaly_figures(out_dir: str, images: np.ndarray, masks: np.ndarray, ma
     if images.dtype != np.uint8:
         raise UserError(f'images must be uint8 (use denormalize first), got {images.dtype}')
     os.makedirs(out_dir, exist_ok=True)
-    finite_max = float(np.nanmax(maps)) if np.isfinite(maps).any() else 0.0
-    vmax = finite_max if finite_max > 0 else 1.0
-    figure = _AnomalyFigure(images.shape[1], images.shape[2], vmax)
+    if vmax is None:
+        finite = maps[np.isfinite(maps)]
+        vmax = float(finite.max()) if finite.size else 0.0
+    if file_names is None:
+        file_names = unique_file_names(names)
+    elif len(file_names) != len(names):
+        raise UserError(f'file_names must have one entry per image ({len(names)}), got {len(file_names)}')
+    figure = _AnomalyFigure(images.shape[1], images.shape[2], vmax if vmax > 0 else 1.0)
     paths = []
     try:
-        for i, file_name in enumerate(tqdm(_unique_file_names(names), desc='figures', unit='img',
+        for i, file_name in enumerate(tqdm(file_names, desc='figures', unit='img',
                                            leave=False, disable=not progress)):
             title = _figure_title(str(names[i]), int(labels[i]), float(scores[i]), image_threshold)
             figure.draw(images[i], masks[i], maps[i], title, pixel_threshold)
@@ -235,28 +246,24 @@ def save_anomaly_figures(out_dir: str, images: np.ndarray, masks: np.ndarray, ma
     return paths
 
 
-def _density(ax, values: np.ndarray, edges: np.ndarray, color: str, label: str) -> None:
-    if values.size == 0:
+def _density(ax, counts: np.ndarray, edges: np.ndarray, color: str, label: str) -> None:
+    total = int(counts.sum())
+    if total == 0:
         return
-    hist, _ = np.histogram(values, bins=edges, density=True)
-    ax.stairs(hist, edges, fill=True, alpha=0.45, color=color, label=f'{label} (n={values.size:,})')
+    ax.stairs(counts / (total * np.diff(edges)), edges, fill=True, alpha=0.45, color=color,
+              label=f'{label} (n={total:,})')
 
 
-def _score_panel(ax, normal: np.ndarray, anomalous: np.ndarray, bins: int, title: str, xlabel: str,
-                 log_y: bool) -> None:
-    both = np.concatenate([normal, anomalous])
-    both = both[np.isfinite(both)]
-    if both.size == 0:
+def _score_panel(ax, edges: np.ndarray | None, normal: np.ndarray, anomalous: np.ndarray, title: str,
+                 xlabel: str, log_y: bool) -> None:
+    """Density histograms of normal and anomalous counts over the bins ``edges`` (None: no finite score)."""
+    if edges is None or normal.sum() + anomalous.sum() == 0:
         ax.text(0.5, 0.5, 'no scores', ha='center', va='center', transform=ax.transAxes)
         ax.set_title(title, fontsize=10)
         return
-    low, high = float(both.min()), float(both.max())
-    if high <= low:
-        high = low + 1.0
-    edges = np.linspace(low, high, bins + 1)
-    _density(ax, normal[np.isfinite(normal)], edges, 'tab:blue', 'normal')
-    _density(ax, anomalous[np.isfinite(anomalous)], edges, 'tab:red', 'anomalous')
-    if anomalous.size == 0:
+    _density(ax, normal, edges, 'tab:blue', 'normal')
+    _density(ax, anomalous, edges, 'tab:red', 'anomalous')
+    if anomalous.sum() == 0:
         ax.text(0.98, 0.95, 'no anomalous samples', ha='right', va='top', transform=ax.transAxes, fontsize=8)
     if log_y:
         ax.set_yscale('log')
@@ -266,33 +273,65 @@ def _score_panel(ax, normal: np.ndarray, anomalous: np.ndarray, bins: int, title
     ax.legend(fontsize=8)
 
 
-def save_score_histogram(path: str, masks: np.ndarray, maps: np.ndarray, labels: np.ndarray,
-                         scores: np.ndarray) -> None:
+def histogram_edges(low: float, high: float, bins: int) -> np.ndarray | None:
+    """``bins`` equal bins from ``low`` to ``high`` (one unit wide when they are equal); None when either
+    is not finite."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return None
+    if high <= low:
+        high = low + 1.0
+    return np.linspace(low, high, bins + 1)
+
+
+def pixel_histogram(masks: np.ndarray, maps: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of the normal and of the defect pixel scores in the bins ``edges`` (values outside them and
+    non-finite values are left out); sums over chunks of a set give the set's counts.
+
+    Args:
+        masks: (N, H, W) ground truth (nonzero = defect).
+        maps: (N, H, W) anomaly maps.
+        edges: (B + 1,) increasing bin edges.
+    Returns:
+        normal counts (B,) and defect counts (B,), int64.
+    """
+    masks = np.asarray(masks) != 0
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.shape != masks.shape or maps.ndim != 3:
+        raise UserError(f'masks and maps must both have shape (N, H, W), got {masks.shape} and {maps.shape}')
+    normal, _ = np.histogram(maps[~masks], bins=edges)
+    anomalous, _ = np.histogram(maps[masks], bins=edges)
+    return normal.astype(np.int64), anomalous.astype(np.int64)
+
+
+def save_score_histogram(path: str, edges: np.ndarray | None, normal_counts: np.ndarray,
+                         anomalous_counts: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> None:
     """Write one PNG: density histograms of pixel scores and of image scores, normal vs anomalous.
 
     Args:
         path: output PNG path (parent folders are created).
-        masks: (N, H, W) ground-truth masks (nonzero = defect).
-        maps: (N, H, W) anomaly maps.
+        edges: (B + 1,) bin edges of the pixel scores (see :func:`histogram_edges`), or None.
+        normal_counts, anomalous_counts: (B,) pixel counts per bin (see :func:`pixel_histogram`).
         labels: (N,) image labels (0 normal, 1 anomalous).
         scores: (N,) image anomaly scores.
     """
-    masks = np.asarray(masks) != 0
-    maps = np.asarray(maps, dtype=np.float32)
     labels = np.asarray(labels).ravel() != 0
     scores = np.asarray(scores, dtype=np.float64).ravel()
-    if maps.shape != masks.shape or maps.ndim != 3:
-        raise UserError(f'masks and maps must both have shape (N, H, W), got {masks.shape} and {maps.shape}')
-    if labels.size != maps.shape[0] or scores.size != maps.shape[0]:
-        raise UserError(f'labels and scores need one entry per map ({maps.shape[0]}), got {labels.size} and '
-                        f'{scores.size}')
+    if labels.size != scores.size:
+        raise UserError(f'labels and scores need one entry per image, got {labels.size} and {scores.size}')
+    if edges is not None and not (len(normal_counts) == len(anomalous_counts) == len(edges) - 1):
+        raise UserError(f'pixel counts need one entry per bin ({len(edges) - 1}), got {len(normal_counts)} '
+                        f'and {len(anomalous_counts)}')
+    finite = scores[np.isfinite(scores)]
+    image_edges = histogram_edges(float(finite.min()), float(finite.max()), int(np.clip(scores.size // 2, 10, 50))) \
+        if finite.size else None
+    image_counts = [np.histogram(scores[sel & np.isfinite(scores)], bins=image_edges)[0] if image_edges is not None
+                    else np.zeros(0, dtype=np.int64) for sel in (~labels, labels)]
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12.0, 4.5), dpi=100)
     try:
-        _score_panel(axes[0], maps[~masks], maps[masks], 200, 'pixel scores', 'anomaly-map value', True)
-        image_bins = int(np.clip(scores.size // 2, 10, 50))
-        _score_panel(axes[1], scores[~labels], scores[labels], image_bins, 'image scores', 'image score',
-                     False)
+        _score_panel(axes[0], edges, np.asarray(normal_counts), np.asarray(anomalous_counts), 'pixel scores',
+                     'anomaly-map value', True)
+        _score_panel(axes[1], image_edges, *image_counts, 'image scores', 'image score', False)
         fig.tight_layout()
         _save_png(fig, path)
     finally:
