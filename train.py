@@ -21,8 +21,7 @@ from custom_models.flow import (condition_fibers, condition_tables, fiber_log_pr
                                 grid_log_prob, positional_encoding_2d)
 from utils import metrics
 from utils.schedule import cosine_lr, learning_rate
-from utils.scoring import (MapChunks, anomaly_map_chunks, layer_maxima, position_map_chunks,
-                           position_stats)
+from utils.scoring import MapChunks, anomaly_map_chunks, layer_maxima, position_map_chunks, position_stats
 
 METRIC_NAMES = ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')
 
@@ -485,8 +484,7 @@ def evaluate(cfg: Config, encoder: Encoder, decoders, test_loader: DataLoader, p
     print(f'Heights/Widths {heights} {widths}', flush=True)
     return Evaluation(metrics=scored['metrics'], per_defect=scored['per_defect'], test_loss=out.loss,
                       scores=scored['scores'], labels=out.labels, valid=out.mask_valid, timing=timing, maps=maps,
-                      masks=out.mask_chunk,
-                      pixel_threshold=scored['pixel_threshold'], map_range=scored['map_range'])
+                      masks=out.mask_chunk, pixel_threshold=scored['pixel_threshold'], map_range=scored['map_range'])
 
 
 def score_map_chunks(score_norm: str, log_probs: list[Tensor], out_size: int, reference: list | None) -> MapChunks:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,12 @@ def test_train_writes_results_checkpoint_and_figures(trained):
     maps = np.load(out / 'results' / (res['model_name'] + '_maps.npz'))
     assert maps['maps'].shape == (8, 128, 128) and maps['masks'].shape == (8, 128, 128)
     assert list(maps['labels']) == [0] * 4 + [1] * 4
+    # the metrics, computed from maps made a chunk at a time, agree with sklearn on the saved maps
+    np.testing.assert_array_equal(maps['scores'], maps['maps'].reshape(8, -1).max(axis=1))
+    assert res['last']['image_auroc'] == pytest.approx(100 * roc_auc_score(maps['labels'], maps['scores']), abs=1e-9)
+    valid = maps['mask_valid']
+    expected = 100 * roc_auc_score(maps['masks'][valid].ravel(), maps['maps'][valid].ravel())
+    assert res['last']['pixel_auroc'] == pytest.approx(expected, abs=1e-6)
     assert len(list((out / 'viz' / res['model_name']).glob('*.png'))) >= 9
     assert (out / 'weights' / (res['model_name'] + '.pt')).is_file()
 
