@@ -23,7 +23,7 @@ from train import (METRIC_NAMES, BestTracker, PositionCache, TrainState, compile
                    train_reference)
 from utils.checkpoint import load_checkpoint, load_decoders, save_checkpoint
 from utils.errors import UserError
-from utils.io import atomic_write_bytes, atomic_write_text, write_json
+from utils.io import atomic_write_bytes, atomic_write_text, write_json, write_npz
 
 
 def _early_gpu_env(argv: list[str]) -> None:
@@ -210,16 +210,14 @@ def save_visuals(cfg: Config, ev, test_set, mean, std, folder: Path) -> None:
     print(f'Figures written to {folder}', flush=True)
 
 
-def save_maps(path: Path, ev, names: list[str]) -> None:
-    """All anomaly maps and masks in one compressed file (held in memory at image size while written)."""
+def save_maps(path: Path, ev, names: list[str], size: int, chunk: int = 64) -> None:
+    """All anomaly maps and masks in one compressed ``.npz``, made and written ``chunk`` images at a time."""
     n = len(ev.labels)
-    maps = ev.maps(0, n).numpy()
-    masks = ev.masks(0, n)
-
-    def writer(f):
-        np.savez_compressed(f, maps=maps.astype(np.float32), masks=masks, mask_valid=ev.valid,
-                            labels=ev.labels, scores=ev.scores, names=np.asarray(names))
-    atomic_write_bytes(path, writer)
+    starts = range(0, n, chunk)
+    arrays = {'maps': ((n, size, size), np.float32, (ev.maps(s, min(s + chunk, n)).numpy() for s in starts)),
+              'masks': ((n, size, size), np.bool_, (ev.masks(s, min(s + chunk, n)) for s in starts)),
+              'mask_valid': ev.valid, 'labels': ev.labels, 'scores': ev.scores, 'names': np.asarray(names)}
+    atomic_write_bytes(path, lambda f: write_npz(f, arrays))
     print(f'Anomaly maps written to {path}', flush=True)
 
 
@@ -364,7 +362,7 @@ def finish(cfg: Config, paths: dict, state: TrainState, best: BestTracker, ev, t
                   f'{format_metric(m["pixel_auroc"])} | {format_metric(m["aupro"])} |')
     print(f'\nResults written to {results_path}', flush=True)
     if cfg.save_maps:
-        save_maps(paths['maps'], ev, test_set.names)
+        save_maps(paths['maps'], ev, test_set.names, cfg.input_size)
     if cfg.viz:
         save_visuals(cfg, ev, test_set, mean, std, paths['viz'])
     return result

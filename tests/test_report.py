@@ -309,3 +309,25 @@ def test_pixel_histogram_sums_over_chunks_and_score_histogram(tmp_path):
     assert (tmp_path / 'one.png').read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(UserError):
         save_score_histogram(str(tmp_path / 'bad.png'), edges, normal[:-1], anomalous, labels, scores)
+
+
+def test_write_npz_in_parts_reads_back_like_savez(tmp_path):
+    from utils.io import atomic_write_bytes, write_npz
+    rng = np.random.default_rng(4)
+    maps = rng.random((7, 5, 6)).astype(np.float32)
+    masks = rng.random((7, 5, 6)) > 0.7
+    names = np.asarray(['a/1.png', 'bb/2.png', 'c', 'd', 'e', 'f', 'g'])
+    path = tmp_path / 'out' / 'maps.npz'
+    atomic_write_bytes(path, lambda f: write_npz(f, {
+        'maps': (maps.shape, np.float32, (maps[s:s + 3] for s in range(0, 7, 3))),
+        'masks': (masks.shape, np.bool_, [masks[:4], masks[4:]]), 'names': names, 'labels': np.arange(7)}))
+    with np.load(path) as got:
+        assert sorted(got.files) == ['labels', 'maps', 'masks', 'names']
+        np.testing.assert_array_equal(got['maps'], maps)
+        np.testing.assert_array_equal(got['masks'], masks)
+        np.testing.assert_array_equal(got['names'], names)
+        np.testing.assert_array_equal(got['labels'], np.arange(7))
+    for bad in ([maps[:3]], [maps[:3, :4]]):  # too few rows; a part of the wrong shape
+        with pytest.raises(ValueError):
+            atomic_write_bytes(tmp_path / 'bad.npz', lambda f: write_npz(f, {'maps': (maps.shape, np.float32, bad)}))
+    assert not (tmp_path / 'bad.npz').exists()
