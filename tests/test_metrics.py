@@ -300,12 +300,14 @@ def test_pixel_metrics_chunks_and_subsets_equal_whole_set(seed, levels, dtype, b
     rng = np.random.default_rng(seed)
     valid = np.ones(7, dtype=bool)
     valid[4] = False
-    subsets = {'valid': valid, 'some': valid & np.isin(np.arange(7), [0, 1, 3, 5]), 'none': np.zeros(7, bool)}
+    subsets = {'valid': valid, 'some': valid & np.isin(np.arange(7), [0, 1, 3, 5]), 'none': np.zeros(7, bool),
+               'same': valid.copy()}  # a repeated subset is computed once
     order = rng.permutation(7)
     chunks = [order[:3], order[3:4], order[4:]]
     pm = _stream(masks, maps, subsets, chunks, fpr_limit=0.3, cflow_thresholds=200, max_defect_pixels=budget)
     # all defect pixels at once (two passes), or ranges of at most half the budget (one pass each, plus two)
     assert pm.passes == 2 if budget > masks.sum() else pm.passes > 4
+    assert list(pm.member) == ['valid', 'some', 'none']
     for name, sel in subsets.items():
         if not sel.any():
             assert pm.pixel_auroc(name) is None and pm.aupro(name) is None and pm.aupro_cflow(name) is None

@@ -141,11 +141,18 @@ class PixelMetrics:
             raise UserError(f'num_thresholds must be a positive integer, got {cflow_thresholds}.')
         if max_defect_pixels < 2:
             raise UserError(f'max_defect_pixels must be at least 2, got {max_defect_pixels}.')
-        self.member = {name: np.asarray(sel, dtype=bool).reshape(-1) for name, sel in subsets.items()}
-        for name, sel in self.member.items():
+        self.member: dict[str, np.ndarray] = {}  # the distinct subsets; a repeated one is an alias
+        self._alias: dict[str, str] = {}
+        for name, sel in subsets.items():
+            sel = np.asarray(sel, dtype=bool).reshape(-1)
             if sel.shape != (n_images,):
                 raise UserError(f'subset {name!r} must have shape ({n_images},), one flag per image; '
                                 f'got {sel.shape}.')
+            same = next((other for other, known in self.member.items() if np.array_equal(known, sel)), None)
+            if same is None:
+                self.member[name] = sel
+            else:
+                self._alias[name] = same
         self.pro, self.fpr_limit, self.n_thresholds = pro, fpr_limit, int(cflow_thresholds)
         self.max_defect_pixels = int(max_defect_pixels)
         self.seconds = {'aupro': 0.0, 'aupro_cflow': 0.0}  # work specific to each AUPRO variant
@@ -492,7 +499,7 @@ class PixelMetrics:
     def _finished(self, name: str) -> dict:
         if not self.done:
             raise ValueError('PixelMetrics: results are available once every pass has ended')
-        return self._totals[name]
+        return self._totals[self._alias.get(name, name)]
 
     def pixel_auroc(self, name: str) -> float | None:
         """Pixel AUROC of subset ``name`` (ties count one half), or None with only one class of pixels."""
