@@ -4,9 +4,9 @@
 with interpolation there, divided by the limit). ``aupro_cflow`` reproduces the estimator of the original
 CFLOW-AD code (1000 evenly spaced thresholds, hole-filled regions, min-max rescaled FPR), computed with
 histograms instead of a loop over thresholds. The pixel metrics are computed by :class:`PixelMetrics`, which
-sees the maps in chunks (twice) and keeps only the defect pixels' scores, so that a test set's maps never
-have to be in memory at once; ``pixel_auroc``, ``aupro`` and ``aupro_cflow`` apply it to arrays. Everything
-is pure: arrays in, a float (or None when the metric is undefined) out.
+sees the maps in chunks (usually twice) and keeps only the defect pixels' scores, so that a test set's maps
+never have to be in memory at once; ``pixel_auroc``, ``aupro`` and ``aupro_cflow`` apply it to arrays. No
+I/O anywhere: arrays in, a float (or None when the metric is undefined) out.
 """
 from __future__ import annotations
 
