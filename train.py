@@ -21,7 +21,8 @@ from custom_models.flow import (condition_fibers, condition_tables, fiber_log_pr
                                 grid_log_prob, positional_encoding_2d)
 from utils import metrics
 from utils.schedule import cosine_lr, learning_rate
-from utils.scoring import MapChunks, anomaly_map_chunks, layer_maxima, position_map_chunks, position_stats
+from utils.scoring import (MapChunks, anomaly_map_chunks, image_scores, layer_maxima, position_map_chunks,
+                           position_stats)
 
 METRIC_NAMES = ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')
 
@@ -416,13 +417,12 @@ def measure(maps: MapChunks, out: EvalOutput, out_size: int, defect_types: list[
     while sweep == 0 or (pixel is not None and not pixel.done):
         for start in range(0, n, step):
             stop = min(start + step, n)
-            chunk = maps(start, stop).numpy()
+            chunk = maps(start, stop)
             if sweep == 0:
-                flat = chunk.reshape(stop - start, -1)
-                scores[start:stop] = flat.max(axis=1)
-                low, high = min(low, float(flat.min())), max(high, float(flat.max()))
+                scores[start:stop] = image_scores(chunk).numpy()
+                low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
             if pixel is not None:
-                pixel.add(np.arange(start, stop), chunk, out.mask_chunk(start, stop))
+                pixel.add(np.arange(start, stop), chunk.numpy(), out.mask_chunk(start, stop))
         if pixel is not None:
             pixel.end_pass()
         sweep += 1

@@ -200,18 +200,20 @@ class PixelMetrics:
                     self._n_regions[i] = labels[1]
             elif self.pro and (step['cflow'] or step['coarse'] or step['collect'] is not None) and mask.any():
                 labels = self._label(mask)
-            bins = self._bin(values) if self._ranges is not None or step['coarse'] else None
             names = [name for name, sel in self.member.items() if sel[i]]
+            # the normal pixels' scores, sorted once for every step of the pass that needs them
+            normal = np.sort(values[~mask]) if step['cflow'] or step['coarse'] or step['count'] is not None \
+                else None
             if step['cflow']:
                 t = time.perf_counter()
-                self._add_cflow(values, mask, labels, names)
+                self._add_cflow(values, normal, labels, names)
                 self.seconds['aupro_cflow'] += time.perf_counter() - t
             if step['coarse']:
-                self._add_coarse(bins, mask, labels, names)
+                self._add_coarse(normal, values[mask], mask, labels, names)
             if step['count'] is not None:
-                self._add_normals(values, mask, bins, names)
+                self._add_normals(normal, names)
             if step['collect'] is not None:
-                self._keep_defects(i, values, mask, bins, labels)
+                self._keep_defects(i, values[mask], mask, labels)
 
     def end_pass(self) -> None:
         """End the current pass (every image of a subset must have been shown once) and set up the next."""
@@ -265,10 +267,11 @@ class PixelMetrics:
                 yield i, maps[k].astype(self._dtype, copy=False), masks[k] != 0
 
     def _label(self, mask: np.ndarray) -> tuple[np.ndarray, int]:
+        """:func:`per_region_labels` of the mask and its number of regions (timed as AUPRO work)."""
         t = time.perf_counter()
-        lab, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        lab = per_region_labels(mask)
         self.seconds['aupro'] += time.perf_counter() - t
-        return lab, n
+        return lab, int(lab.max())
 
     def _bin(self, values: np.ndarray) -> np.ndarray:
         """Coarse bin of each score: a non-decreasing function of the score, the same in every pass."""
@@ -280,14 +283,14 @@ class PixelMetrics:
         start, stop = self._ranges[r]
         return (bins >= start) & (bins < stop)
 
-    def _keep_defects(self, i: int, values: np.ndarray, mask: np.ndarray, bins: np.ndarray | None,
+    def _keep_defects(self, i: int, scores: np.ndarray, mask: np.ndarray,
                       labels: tuple[np.ndarray, int] | None) -> None:
+        """Keep the image's defect-pixel ``scores`` (``mask`` order) that fall in the collected range."""
         if self._overflow or not mask.any():
             return
-        scores = values[mask]
         weights = _region_weights(labels[0], mask) if self.pro else None
-        if bins is not None:
-            keep = self._in_range(bins[mask], self._step['collect'])
+        if self._ranges is not None:
+            keep = self._in_range(self._bin(scores), self._step['collect'])
             scores = scores[keep]
             weights = None if weights is None else weights[keep]
         if self._kept is None:
@@ -312,45 +315,46 @@ class PixelMetrics:
         kept = self._kept or _DefectBuffer(self._dtype or np.dtype(np.float32), 0)
         self._kept = None
         scores, weights, owners = kept.arrays()
-        universe = np.unique(scores)
+        universe, inverse = np.unique(scores, return_inverse=True)
+        inverse = inverse.ravel()
         self._universe = universe
         stats = {}
         for name, sel in self.member.items():
             mine = sel[owners]
-            values, inverse, counts = np.unique(scores[mine], return_inverse=True, return_counts=True)
-            sums = np.bincount(inverse.ravel(), weights=weights[mine], minlength=values.size) if self.pro \
-                else np.zeros(values.size)
-            del inverse, mine
+            counts = np.bincount(inverse[mine], minlength=universe.size)
+            sums = np.bincount(inverse[mine], weights=weights[mine], minlength=universe.size) if self.pro \
+                else np.zeros(universe.size)
+            present = counts > 0  # the universe scores that the subset holds
+            values, counts, sums = universe[present], counts[present], sums[present]
             slot_map = None  # identity when the subset holds every universe score
             if values.size != universe.size:
-                k = np.searchsorted(values, universe, side='left')
-                tie = np.zeros(universe.size, dtype=bool)
-                inside = k < values.size
-                tie[inside] = values[k[inside]] == universe[inside]
+                below = np.cumsum(present) - present  # the subset's scores below universe[j]
                 slot_map = np.empty(2 * universe.size + 1, dtype=np.int32 if values.size < 2 ** 30 else np.int64)
-                slot_map[0:-1:2] = 2 * k  # the open gap below universe[j] lies in the gap below values[k]
-                slot_map[1::2] = 2 * k + tie  # equal to universe[j]: a tie slot if values holds it, else a gap
+                slot_map[0:-1:2] = 2 * below  # the open gap below universe[j] lies in the gap below values[below]
+                slot_map[1::2] = 2 * below + present  # equal to universe[j]: a tie slot if held, else a gap
                 slot_map[-1] = 2 * values.size
-                del k, tie, inside
+                del below
+            del mine, present
             stats[name] = {'values': values, 'counts': counts.astype(np.int64), 'weights': sums,
                            'slots': np.zeros(2 * values.size + 1, dtype=np.int64), 'slot_map': slot_map}
         return stats
 
-    def _add_normals(self, values: np.ndarray, mask: np.ndarray, bins: np.ndarray | None, names: list[str]) -> None:
-        normal = values[~mask]
-        if bins is not None:
-            normal = normal[self._in_range(bins[~mask], self._step['count'])]
-        normal.sort()  # counts are all that is needed, and sorted keys are searched faster
+    def _add_normals(self, normal: np.ndarray, names: list[str]) -> None:
+        """Count the image's sorted normal scores of the counted range in the slots of each subset in ``names``
+        (sorted keys are searched faster, and counts are all that is needed)."""
+        if self._ranges is not None:
+            normal = normal[self._in_range(self._bin(normal), self._step['count'])]
         universe_slots = _slots(self._universe, normal)  # non-decreasing, as the normal scores are sorted
         for name in names:
             stats = self._range_stats[name]
             slot_map = stats['slot_map']
             _add_runs(stats['slots'], universe_slots if slot_map is None else slot_map[universe_slots])
 
-    def _add_cflow(self, values: np.ndarray, mask: np.ndarray, labels: tuple[np.ndarray, int] | None,
+    def _add_cflow(self, values: np.ndarray, normal: np.ndarray, labels: tuple[np.ndarray, int] | None,
                    names: list[str]) -> None:
-        """Counts of the image's normal pixels and of its hole-filled regions' pixels (weighted by 1 / region
-        area) by the first threshold that predicts them, for each subset in ``names``."""
+        """Counts of the image's normal pixels (``normal``: their scores, sorted) and of its hole-filled
+        regions' pixels (weighted by 1 / region area) by the first threshold that predicts them, for each subset
+        in ``names``."""
         regions = []
         if labels is not None:
             lab = labels[0]
@@ -358,20 +362,23 @@ class PixelMetrics:
                 region = lab[box] == r
                 filled = np.sort(values[box][ndimage.binary_fill_holes(region)].astype(np.float64))
                 regions.append((filled, float(region.sum())))
-        normal = np.sort(values[~mask]).astype(np.float64)
+        normal = normal.astype(np.float64)
         for name in names:
             totals = self._totals[name]
             totals['neg_hist'] += _threshold_histogram(normal, totals['taus'])
             for filled, area in regions:
                 totals['pro_hist'] += _threshold_histogram(filled, totals['taus']) / area
 
-    def _add_coarse(self, bins: np.ndarray, mask: np.ndarray, labels: tuple[np.ndarray, int] | None,
-                    names: list[str]) -> None:
-        normal = np.bincount(bins[~mask], minlength=COARSE_BINS)
-        defect = np.bincount(bins[mask], minlength=COARSE_BINS)
+    def _add_coarse(self, normal: np.ndarray, scores: np.ndarray, mask: np.ndarray,
+                    labels: tuple[np.ndarray, int] | None, names: list[str]) -> None:
+        """Per coarse bin: the image's normal pixels, defect pixels (``scores``, ``mask`` order) and their
+        region weight, for each subset in ``names``."""
+        defect_bins = self._bin(scores)
+        normal = np.bincount(self._bin(normal), minlength=COARSE_BINS)
+        defect = np.bincount(defect_bins, minlength=COARSE_BINS)
         weight = None
         if self.pro and labels is not None:
-            weight = np.bincount(bins[mask], weights=_region_weights(labels[0], mask), minlength=COARSE_BINS)
+            weight = np.bincount(defect_bins, weights=_region_weights(labels[0], mask), minlength=COARSE_BINS)
         self._coarse_defects += defect
         for name in names:
             coarse = self._coarse[name]
