@@ -90,17 +90,6 @@ def output_paths(cfg: Config) -> dict[str, Path]:
             'viz': root / 'viz' / cfg.model_name}
 
 
-def restore_zero_grads(optimizer: torch.optim.Optimizer, adam_mode: str) -> None:
-    """In paper mode every stepped parameter holds a zero (not absent) gradient between steps; a resumed run
-    must too, or idle decoders would miss their momentum updates until their next backward pass."""
-    if adam_mode != 'paper':
-        return
-    for group in optimizer.param_groups:
-        for p in group['params']:
-            if p in optimizer.state and p.grad is None:
-                p.grad = torch.zeros_like(p)
-
-
 def print_header(cfg: Config, encoder: Encoder, train_set, test_set, device: torch.device) -> None:
     print(f'Model: {cfg.model_name}', flush=True)
     tta = '' if cfg.tta == 'none' else f', test-time flips {cfg.tta}'
@@ -249,7 +238,7 @@ def run_one(cfg: Config) -> dict:
                 for ch in encoder.channels]
     for ch in encoder.channels:
         print(f'CNF coder: {ch}', flush=True)
-    optimizer = make_optimizer(decoders, cfg.lr)
+    optimizer = make_optimizer(decoders, cfg.lr, cfg.adam_mode)
     state = TrainState()
     source = ckpt if testing else resume_ckpt
     if source is not None:
@@ -258,7 +247,6 @@ def run_one(cfg: Config) -> dict:
     test_loader = make_loader(cfg, test_set, False, device)
     if resume_ckpt is not None:
         optimizer.load_state_dict(resume_ckpt['optimizer_state_dict'])
-        restore_zero_grads(optimizer, cfg.adam_mode)
         state = TrainState(epoch=resume_ckpt['epoch'], history=list(resume_ckpt.get('history', [])),
                            sub_epoch_s=list(resume_ckpt.get('sub_epoch_s', [])),
                            train_images=resume_ckpt.get('train_images', 0),
@@ -271,6 +259,8 @@ def run_one(cfg: Config) -> dict:
     except Exception as e:  # noqa: BLE001 - compiler toolchains fail in many ways; one line says what to do
         first = (str(e).strip().splitlines() or [''])[0][:200]
         raise UserError(f'--compile failed ({type(e).__name__}: {first}); run without --compile') from None
+    if not testing:
+        optimizer.prepare()
     if compile_s is not None:
         what = 'evaluation forward pass' if testing else 'training step and evaluation forward pass'
         print(f'Compiled the {what} in {compile_s:.1f} s', flush=True)

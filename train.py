@@ -20,6 +20,7 @@ from custom_models.encoders import Encoder
 from custom_models.flow import (condition_fibers, condition_tables, fiber_log_prob, fiber_loss, flatten_fibers,
                                 grid_log_prob, positional_encoding_2d)
 from utils import metrics
+from utils.optim import DecoderAdam
 from utils.schedule import cosine_lr, learning_rate
 from utils.scoring import (MapChunks, anomaly_map_chunks, image_scores, layer_maxima, position_map_chunks,
                            position_stats)
@@ -98,20 +99,13 @@ class TrainState:
     train_seconds: float = 0.0
 
 
-def make_optimizer(decoders, lr: float) -> torch.optim.Adam:
-    """One Adam over the trainable parameters of all decoders (the fixed rotations are left out).
-
-    The fused implementation is used where torch has one: the same update rule in one kernel
-    instead of one per operation.
-    """
-    params = [p for d in decoders for p in d.parameters() if p.requires_grad]
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
+def make_optimizer(decoders, lr: float, adam_mode: str = 'paper') -> DecoderAdam:
+    """One Adam over the trainable parameters of all decoders (the fixed rotations are left out), stepped
+    one decoder at a time; ``adam_mode`` as ``--adam-mode`` (see :class:`utils.optim.DecoderAdam`)."""
+    return DecoderAdam(decoders, lr, adam_mode)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: DecoderAdam, lr: float) -> None:
     for group in optimizer.param_groups:
         group['lr'] = lr
 
@@ -121,26 +115,29 @@ def fiber_batch_losses(decoder, fibers: Tensor, conds: Tensor | None) -> Tensor:
     return fiber_loss(fiber_log_prob(decoder, fibers, conds))
 
 
-def train_layer_fibers(decoder, optimizer, fibers: Tensor, conds: Tensor | None, fiber_batch: int,
-                       cfg: Config, device: torch.device, step=fiber_batch_losses) -> tuple[float, int]:
-    """One pass of fiber batches over one scale's fibers of one image batch.
+def train_layer_fibers(decoders, index: int, optimizer: DecoderAdam, fibers: Tensor, conds: Tensor | None,
+                       fiber_batch: int, cfg: Config, device: torch.device,
+                       step=fiber_batch_losses) -> tuple[float, int]:
+    """One pass of fiber batches of decoder ``decoders[index]`` over one scale's fibers of one image batch.
 
     The fibers of all images and positions are shuffled together and cut into batches of
     ``fiber_batch`` (the remainder is dropped); each batch is one Adam step. ``step`` is
     :func:`fiber_batch_losses` or its compiled form. Returns the summed loss and the number of fibers used.
     """
-    n_fibers, width = fibers.shape
-    perm = torch.randperm(n_fibers, device=device)
+    decoder = decoders[index]
+    steps = fibers.shape[0] // fiber_batch
+    perm = torch.randperm(fibers.shape[0], device=device)[:steps * fiber_batch]
+    fibers = fibers[perm]  # shuffled once: each step takes a contiguous slice
+    conds = conds[perm] if conds is not None else None
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
     used = 0
-    set_to_none = cfg.adam_mode == 'torch2'
-    for f in range(n_fibers // fiber_batch):
-        idx = perm[f * fiber_batch:(f + 1) * fiber_batch]
+    optimizer.begin(index)
+    for f in range(steps):
+        sl = slice(f * fiber_batch, (f + 1) * fiber_batch)
         with autocast(device, cfg.precision):
-            loss = step(decoder, fibers[idx], conds[idx] if conds is not None else None)
-        optimizer.zero_grad(set_to_none=set_to_none)
+            loss = step(decoder, fibers[sl], conds[sl] if conds is not None else None)
         loss.mean().backward()
-        optimizer.step()
+        optimizer.step(index)
         total += loss.detach().sum()
         used += fiber_batch
     return float(total), used
@@ -167,15 +164,17 @@ def train_meta_epoch(cfg: Config, epoch: int, encoder: Encoder, decoders, optimi
             set_lr(optimizer, lr)
             with torch.no_grad():
                 features = encode_batch(cfg, encoder, image, device)
-            for decoder, feat in zip(decoders, features):
+            for index, feat in enumerate(features):
                 feat = feat.float()
                 fibers = flatten_fibers(feat)
                 conds = condition_fibers(positions(feat.shape[2], feat.shape[3]), feat.shape[0])
-                s, n = train_layer_fibers(decoder, optimizer, fibers, conds, cfg.fiber_batch, cfg, device, step)
+                s, n = train_layer_fibers(decoders, index, optimizer, fibers, conds, cfg.fiber_batch, cfg, device,
+                                          step)
                 loss_sum += s
                 fiber_count += n
             images += image.shape[0]
             bar.set_postfix(loss=f'{loss_sum / max(fiber_count, 1):.4f}', lr=f'{lr:.2e}')
+        optimizer.flush()
         if device.type == 'cuda':
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

@@ -34,7 +34,7 @@ def test_fiber_training_follows_the_original_loop(adam_mode):
     cfg = Config(adam_mode=adam_mode, condition_dim=16, lr=1e-3)
     ours = _decoders(cfg)
     theirs = copy.deepcopy(ours)
-    opt_ours = train.make_optimizer(ours, cfg.lr)
+    opt_ours = train.make_optimizer(ours, cfg.lr, adam_mode)
     opt_theirs = original_style.make_optimizer(theirs, cfg.lr)
     positions = train.PositionCache(cfg.condition_dim, torch.device('cpu'))
     losses_ours, losses_theirs = [], []
@@ -42,12 +42,13 @@ def test_fiber_training_follows_the_original_loop(adam_mode):
         feats = _features(batch)
         torch.manual_seed(100 + batch)
         total = 0.0
-        for decoder, feat in zip(ours, feats):
+        for index, feat in enumerate(feats):
             conds = condition_fibers(positions(feat.shape[2], feat.shape[3]), feat.shape[0])
-            s, _ = train.train_layer_fibers(decoder, opt_ours, flatten_fibers(feat), conds, 256, cfg,
+            s, _ = train.train_layer_fibers(ours, index, opt_ours, flatten_fibers(feat), conds, 256, cfg,
                                             torch.device('cpu'))
             total += s
         losses_ours.append(total)
+        opt_ours.flush()
         torch.manual_seed(100 + batch)
         s, _ = original_style.train_batch(lambda _x, f=feats: f, theirs, opt_theirs, torch.zeros(1),
                                           cfg.condition_dim, torch.device('cpu'), set_to_none=adam_mode == 'torch2')
@@ -65,15 +66,16 @@ def test_adam_modes_differ_once_a_decoder_is_idle():
     for mode in ('paper', 'torch2'):
         cfg = Config(adam_mode=mode, condition_dim=16, lr=1e-3)
         decoders = _decoders(cfg)
-        opt = train.make_optimizer(decoders, cfg.lr)
+        opt = train.make_optimizer(decoders, cfg.lr, mode)
         feats = _features(0)
         positions = train.PositionCache(cfg.condition_dim, torch.device('cpu'))
         torch.manual_seed(0)
         conds = condition_fibers(positions(16, 16), 4)
-        train.train_layer_fibers(decoders[0], opt, flatten_fibers(feats[0]), conds, 256, cfg, torch.device('cpu'))
+        train.train_layer_fibers(decoders, 0, opt, flatten_fibers(feats[0]), conds, 256, cfg, torch.device('cpu'))
         before = [p.detach().clone() for p in decoders[0].parameters()]
         conds = condition_fibers(positions(8, 8), 4)
-        train.train_layer_fibers(decoders[1], opt, flatten_fibers(feats[1]), conds, 256, cfg, torch.device('cpu'))
+        train.train_layer_fibers(decoders, 1, opt, flatten_fibers(feats[1]), conds, 256, cfg, torch.device('cpu'))
+        opt.flush()
         moved[mode] = any(not torch.equal(a, b) for a, b in zip(before, decoders[0].parameters()))
     assert moved == {'paper': True, 'torch2': False}
 
