@@ -8,7 +8,7 @@ zero, so its moments decay and its weights follow them,
     m <- beta1 m,   v <- beta2 v,   w <- w - lr_t / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps),
 
 one pass over every idle weight per step. :class:`DecoderAdam` defers these zero-gradient steps and applies
-a decoder's pending ones just before it trains again (and at the end of each meta-epoch) with
+a decoder's pending ones just before it trains again (and at the end of each sub-epoch) with
 :func:`idle_adam_steps`, ``IDLE_UNROLL`` steps per pass over its weights: the same updates in the same
 order, as each weight's updates depend only on its own state, up to float rounding. Where the compiled
 kernel is unavailable, the pending steps are replayed through the Adam itself, one pass each.
