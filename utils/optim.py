@@ -89,6 +89,15 @@ def compiled_idle_kernel(device: torch.device) -> Callable | None:
     return _KERNELS[device.type]
 
 
+def warm_idle_kernel(device: torch.device) -> None:
+    """Compile the idle-step kernel for ``device`` now, or again after ``torch._dynamo.reset()`` (which
+    ``train.compile_model`` calls for a new encoder) dropped its compiled code."""
+    if _KERNELS.get(device.type) is not None:
+        _no_op(_KERNELS[device.type], device)
+    else:
+        compiled_idle_kernel(device)
+
+
 class DecoderAdam:
     """One ``torch.optim.Adam`` over all decoders' trainable weights (its ``state_dict`` is what checkpoints
     hold), stepped one decoder at a time.
@@ -126,18 +135,15 @@ class DecoderAdam:
         ``train.compile_model``, which resets torch's compiled code for a new encoder)."""
         weights = [p for ws in self.weights for p in ws]
         if self.paper and weights:
-            kernel = compiled_idle_kernel(weights[0].device)
-            if kernel is not None:
-                _no_op(kernel, weights[0].device)  # compiles again after torch._dynamo.reset()
+            warm_idle_kernel(weights[0].device)
 
     def begin(self, decoder: int) -> None:
         """Bring decoder ``decoder`` up to date before it trains."""
         self._apply_pending(decoder)
 
     def step(self, decoder: int) -> None:
-        """One Adam step of ``decoder`` from its gradients, which are then freed."""
-        if self.pending[decoder]:
-            self._apply_pending(decoder)
+        """One Adam step of ``decoder`` from its gradients, which are then freed (call :meth:`begin` before
+        a decoder's first step of a pass: its pending idle steps must come first)."""
         self.adam.step()
         for p in self.weights[decoder]:  # the other decoders' gradients are None already
             p.grad = None
