@@ -27,10 +27,12 @@ class MaskRef:
         path: an image file, or a ``.npy`` stack of shape (frames, H, W) when ``index`` is set.
         threshold: image masks count as defect where value > threshold; ``.npy`` masks where value != 0.
         index: the frame in the ``.npy`` stack, or None for an image file.
+        also: further image files of the same mask, OR-ed with ``path`` (one file per defect region).
     """
     path: str
     threshold: int = 0
     index: int | None = None
+    also: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,12 +123,23 @@ def read_mask(ref: MaskRef) -> np.ndarray:
             raise UserError(f'pixel masks {ref.path} have shape {stack.shape}; expected (frames, H, W) with '
                             f'more than {ref.index} frames')
         return np.asarray(stack[ref.index]) != 0
+    binary = _read_mask_file(ref.path, ref.threshold)
+    for path in ref.also:
+        part = _read_mask_file(path, ref.threshold)
+        if part.shape != binary.shape:
+            raise UserError(f'mask files {ref.path} and {path} of one image differ in size '
+                            f'({binary.shape[1]}x{binary.shape[0]} and {part.shape[1]}x{part.shape[0]})')
+        binary |= part
+    return binary
+
+
+def _read_mask_file(path: str, threshold: int) -> np.ndarray:
     try:
-        with Image.open(ref.path) as img:
+        with Image.open(path) as img:
             img.load()
-            return binarize_mask_image(img, ref.threshold)
+            return binarize_mask_image(img, threshold)
     except _READ_ERRORS as exc:
-        raise UserError(f'cannot read mask {ref.path} ({exc}); replace or remove the file') from exc
+        raise UserError(f'cannot read mask {path} ({exc}); replace or remove the file') from exc
 
 
 def check_files(samples: Sequence[Sample]) -> None:
@@ -134,9 +147,10 @@ def check_files(samples: Sequence[Sample]) -> None:
     for sample in samples:
         size = image_size(sample.image)
         if sample.mask is not None and sample.mask.index is None:
-            mask_size = image_size(sample.mask.path)
-            if mask_size != size:
-                raise _size_error(sample.image, size, sample.mask.path, mask_size)
+            for path in (sample.mask.path, *sample.mask.also):
+                mask_size = image_size(path)
+                if mask_size != size:
+                    raise _size_error(sample.image, size, path, mask_size)
 
 
 def _size_error(image: str, size: tuple[int, int], mask: str, mask_size: tuple[int, int]) -> UserError:

@@ -139,6 +139,64 @@ def test_mvtec_masks_named_like_their_images(tmp_path):
         assert torch.equal(test[i][2][0], torch.from_numpy(RECT > 0).float())
 
 
+def test_btad_layout_ok_and_ko(tmp_path):
+    """BTAD names its defect-free folders ``ok``: the class is listed and those images are normal."""
+    c = tmp_path / '01'
+    _save(_grey(0), c / 'train' / 'ok' / '0000.bmp')
+    _save(_grey(1), c / 'train' / 'ok' / '0001.bmp')
+    _save(_grey(2), c / 'test' / 'ok' / '0000.bmp')
+    _save(_grey(3), c / 'test' / 'ko' / '0000.bmp')
+    _save(RECT, c / 'ground_truth' / 'ko' / '0000.png')
+    _save(_grey(0), tmp_path / 'other' / 'train' / 'normal' / '0000.png')  # neither good nor ok: no class
+    assert list_classes('mvtec', tmp_path) == ['01']
+    train, test = build_datasets('mvtec', str(tmp_path), '01', SIDE, MEAN, STD)
+    assert train.names == ['01/train/ok/0000.bmp', '01/train/ok/0001.bmp'] and train.labels == [0, 0]
+    assert test.names == ['01/test/ko/0000.bmp', '01/test/ok/0000.bmp']
+    assert test.labels == [1, 0] and test.defect_types == ['ko', 'good'] and test.mask_valid == [True, True]
+    assert torch.equal(test[0][2][0], torch.from_numpy(RECT > 0).float())
+
+
+def test_mvtec_3d_layout_rgb_and_gt(tmp_path):
+    """MVTec 3D-AD keeps images in ``rgb/`` and masks in ``test/<type>/gt/``; ``xyz/`` is not read."""
+    c = tmp_path / 'bagel'
+    _save(_grey(0), c / 'train' / 'good' / 'rgb' / '000.png')
+    (c / 'train' / 'good' / 'xyz').mkdir(parents=True)
+    (c / 'train' / 'good' / 'xyz' / '000.tiff').write_bytes(b'not read')
+    _save(_grey(1), c / 'validation' / 'good' / 'rgb' / '000.png')
+    _save(_grey(2), c / 'test' / 'good' / 'rgb' / '000.png')
+    _save(np.zeros((SIDE, SIDE), np.uint8), c / 'test' / 'good' / 'gt' / '000.png')
+    _save(_grey(3), c / 'test' / 'crack' / 'rgb' / '000.png')
+    _save(_grey(4), c / 'test' / 'crack' / 'rgb' / '001.png')
+    _save(RECT, c / 'test' / 'crack' / 'gt' / '000.png')
+    train, test = build_datasets('mvtec', str(tmp_path), 'bagel', SIDE, MEAN, STD)
+    assert train.names == ['bagel/train/good/rgb/000.png']
+    assert test.names == ['bagel/test/crack/rgb/000.png', 'bagel/test/crack/rgb/001.png',
+                          'bagel/test/good/rgb/000.png']
+    assert test.labels == [1, 1, 0] and test.mask_valid == [True, False, True]
+    assert torch.equal(test[0][2][0], torch.from_numpy(RECT > 0).float())
+
+
+def test_mvtec_loco_mask_folders_are_united(tmp_path):
+    """MVTec LOCO AD has a folder of masks per image (one file per defect region): the mask is their union."""
+    c = tmp_path / 'juice_bottle'
+    _save(_grey(0), c / 'train' / 'good' / '000.png')
+    _save(_grey(1), c / 'test' / 'good' / '000.png')
+    _save(_grey(2), c / 'test' / 'logical_anomalies' / '000.png')
+    _save(_grey(3), c / 'test' / 'logical_anomalies' / '001.png')
+    other = np.zeros((SIDE, SIDE), np.uint8)
+    other[0:2, 0:3] = 255
+    _save(RECT, c / 'ground_truth' / 'logical_anomalies' / '000' / '000.png')
+    _save(other, c / 'ground_truth' / 'logical_anomalies' / '000' / '001.png')
+    _save(other, c / 'ground_truth' / 'logical_anomalies' / '001' / '000.png')
+    _, test = build_datasets('mvtec', str(tmp_path), 'juice_bottle', SIDE, MEAN, STD)
+    assert test.labels == [0, 1, 1] and test.mask_valid == [True, True, True]
+    assert torch.equal(test[1][2][0], torch.from_numpy((RECT > 0) | (other > 0)).float())
+    assert torch.equal(test[2][2][0], torch.from_numpy(other > 0).float())
+    _save(np.zeros((SIDE + 2, SIDE), np.uint8), c / 'ground_truth' / 'logical_anomalies' / '001' / '001.png')
+    with pytest.raises(UserError, match='001/001.png.*masks must have their image'):
+        build_datasets('mvtec', str(tmp_path), 'juice_bottle', SIDE, MEAN, STD)
+
+
 def test_images_converted_to_rgb_exactly(mvtec_root):
     """At S equal to the image side the resize is the identity, so values are known exactly."""
     _, test = build_datasets('mvtec', mvtec_root, 'widget', SIDE, MEAN, STD)
