@@ -53,6 +53,7 @@ class Config:
     precision: str = 'fp32'
     compile: bool = False
     tta: str = 'none'
+    feature_pool: int = 1
     adam_mode: str = 'paper'
     run_count: int = 1
     resume: bool = False
@@ -68,9 +69,11 @@ class Config:
 
     @property
     def model_name(self) -> str:
-        """``{dataset}_{enc}_{dec}_pl{L}_cb{K}_inp{inp}_run{run}_{class}``, as the original names runs."""
+        """``{dataset}_{enc}_{dec}_pl{L}_cb{K}_inp{inp}_run{run}_{class}``, as the original names runs
+        (``_fp{k}`` follows ``cb{K}`` when ``--feature-pool`` k > 1)."""
+        pool = f'_fp{self.feature_pool}' if self.feature_pool > 1 else ''
         return (f'{self.dataset}_{self.enc_arch}_{self.dec_arch}_pl{self.pool_layers}_cb{self.coupling_blocks}'
-                f'_inp{self.input_size}_run{self.run_name}_{self.class_name}')
+                f'{pool}_inp{self.input_size}_run{self.run_name}_{self.class_name}')
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='test-time augmentation: score each image also mirrored left-right (hflip) or mirrored '
                         'left-right, upside down and both (flips), map the log-likelihoods back and average '
                         'them; costs 2x or 4x the test forward pass, training is unchanged')
+    n.add_argument('--feature-pool', default=1, type=int, metavar='K',
+                   help='average each encoder feature map over K x K neighbourhoods (stride 1, same size; at '
+                        'the borders over the positions inside the map) before the flows, in training and '
+                        'testing: each fiber then describes its neighbourhood; odd K, 1 (default) = off, as '
+                        'the paper')
     n.add_argument('--adam-mode', default='paper', choices=('paper', 'torch2'),
                    help='paper: one Adam over all decoders whose idle decoders keep moving on their momentum '
                         '(PyTorch 1.8 zero_grad, as the paper ran); torch2: idle decoders are not updated')
@@ -165,6 +173,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     for name in positive:
         if values[name] < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1, got {values[name]}')
+    if values['feature_pool'] < 1 or values['feature_pool'] % 2 == 0:
+        parser.error(f'--feature-pool must be an odd number of at least 1, got {values["feature_pool"]}')
     if values['workers'] < 0:
         parser.error('--workers must be 0 or more')
     if values['lr'] <= 0:

@@ -94,8 +94,9 @@ def print_header(cfg: Config, encoder: Encoder, train_set, test_set, device: tor
     print(f'Model: {cfg.model_name}', flush=True)
     tta = '' if cfg.tta == 'none' else f', test-time flips {cfg.tta}'
     print(f'Device: {device}, precision {cfg.precision}, seed {cfg.seed}{tta}', flush=True)
+    pool = f', features averaged over {cfg.feature_pool}x{cfg.feature_pool}' if cfg.feature_pool > 1 else ''
     print(f'Encoder {cfg.enc_arch}: {cfg.pool_layers} pool layers, channels {encoder.channels}, '
-          f'strides {encoder.strides}', flush=True)
+          f'strides {encoder.strides}{pool}', flush=True)
     print(f'train images: {len(train_set)}, test images: {len(test_set)} '
           f'({int(np.sum(test_set.labels))} anomalous)', flush=True)
     if cfg.pro and cfg.score_norm == 'position':
@@ -154,8 +155,9 @@ def check_checkpoint_config(cfg: Config, ckpt: dict, source: str) -> None:
     saved = ckpt.get('config')
     if not isinstance(saved, dict):
         return
+    saved = {'feature_pool': 1, **saved}  # checkpoints written before --feature-pool existed: no pooling
     for key, flag in (('enc_arch', '-enc'), ('dec_arch', '-dec'), ('pool_layers', '-pl'),
-                      ('coupling_blocks', '-cb')):
+                      ('coupling_blocks', '-cb'), ('feature_pool', '--feature-pool')):
         if key in saved and saved[key] != getattr(cfg, key):
             raise UserError(f'{source} was trained with {flag} {saved[key]}, but this run uses {flag} '
                             f'{getattr(cfg, key)}; pass {flag} {saved[key]}')

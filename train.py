@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -223,26 +224,34 @@ def _compiled(encoder: Encoder) -> dict:
     return _COMPILED
 
 
+def pool_features(features: list[Tensor], k: int) -> list[Tensor]:
+    """Each B x C x H x W map averaged over k x k neighbourhoods (``--feature-pool``): stride 1, the same
+    size, and at the borders the mean of the positions inside the map. ``k = 1`` returns the maps as they are."""
+    if k == 1:
+        return features
+    return [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in features]
+
+
 def _encode_chunk(cfg: Config, encoder: Encoder, chunk: Tensor, device: torch.device) -> list[Tensor]:
-    """Features of at most ``TEST_ENCODER_CHUNK`` images. With ``--compile`` they come from the compiled
-    encoder, and a short chunk is padded with zero images so that it always sees the same shape: the
-    features then hold ``TEST_ENCODER_CHUNK`` images, the padding last."""
+    """Features of at most ``TEST_ENCODER_CHUNK`` images (pooled by ``--feature-pool``). With ``--compile``
+    they come from the compiled encoder, and a short chunk is padded with zero images so that it always sees
+    the same shape: the features then hold ``TEST_ENCODER_CHUNK`` images, the padding last."""
     encode = encoder
     if cfg.compile:
         encode = _compiled(encoder)['encode']
         if chunk.shape[0] < TEST_ENCODER_CHUNK:
             chunk = torch.cat([chunk, chunk.new_zeros((TEST_ENCODER_CHUNK - chunk.shape[0], *chunk.shape[1:]))])
     with autocast(device, cfg.precision):
-        return encode(chunk.to(device, non_blocking=True))
+        return pool_features(encode(chunk.to(device, non_blocking=True)), cfg.feature_pool)
 
 
 def encode_batch(cfg: Config, encoder: Encoder, image: Tensor, device: torch.device) -> list[Tensor]:
-    """Features of a training batch: one encoder call, or with ``--compile`` chunks of
-    ``TEST_ENCODER_CHUNK`` images through the compiled encoder (BatchNorm is frozen, so every image's
-    features are its own either way)."""
+    """Features of a training batch (pooled by ``--feature-pool``): one encoder call, or with ``--compile``
+    chunks of ``TEST_ENCODER_CHUNK`` images through the compiled encoder (BatchNorm is frozen, so every
+    image's features are its own either way)."""
     if not cfg.compile:
         with autocast(device, cfg.precision):
-            return encoder(image.to(device, non_blocking=True))
+            return pool_features(encoder(image.to(device, non_blocking=True)), cfg.feature_pool)
     parts = [[f[:chunk.shape[0]] for f in _encode_chunk(cfg, encoder, chunk, device)]
              for chunk in image.split(TEST_ENCODER_CHUNK)]
     return [torch.cat(scale) for scale in zip(*parts)]

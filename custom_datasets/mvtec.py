@@ -100,6 +100,7 @@ def mvtec_samples(root: str | Path, class_name: str) -> tuple[list[Sample], list
     return train, test
 
 
-LAYOUT_HINT = ('<class>/train/good/* (or train/ok/*), <class>/test/<type>/* and <class>/ground_truth/<type>/<stem>_mask.png '
+LAYOUT_HINT = ('<class>/train/good/* (or train/ok/*), <class>/test/<type>/* and '
+               '<class>/ground_truth/<type>/<stem>_mask.png '
                '(or <stem>.png); '
                f'image extensions {", ".join(e[1:] for e in IMAGE_EXTENSIONS)}')

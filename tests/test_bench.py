@@ -51,13 +51,19 @@ def test_recipe_and_scorings_are_valid_command_lines():
     from config import parse_config
     cfg = parse_config(['--dataset', 'mtd', *mtd.recipe_args(mtd.RECIPE)])
     assert (cfg.enc_arch, cfg.input_size, cfg.meta_epochs, cfg.sub_epochs, cfg.pool_layers, cfg.coupling_blocks,
-            cfg.score_norm, cfg.tta) == tuple(mtd.RECIPE[k] for k in (
+            cfg.feature_pool, cfg.score_norm, cfg.tta) == tuple(mtd.RECIPE[k] for k in (
                 'encoder', 'input_size', 'meta_epochs', 'sub_epochs', 'pool_layers', 'coupling_blocks',
-                'score_norm', 'tta'))
+                'feature_pool', 'score_norm', 'tta'))
+    assert cfg.model_name == 'mtd_efficientnet_lite2_freia-cflow_pl3_cb8_fp3_inp320_run0_none'
     for cand in mtd.CANDIDATES:
         for score_norm, tta in mtd.SCORINGS:
             cfg = parse_config(mtd.recipe_args({**cand, 'score_norm': score_norm, 'tta': tta}))
             assert (cfg.score_norm, cfg.tta, cfg.input_size) == (score_norm, tta, cand['input_size'])
+            assert cfg.feature_pool == cand.get('feature_pool', 1)
+    assert parse_config([]).model_name == 'mvtec_wide_resnet50_2_freia-cflow_pl3_cb8_inp256_run0_none'
+    for bad in ('0', '2'):
+        with pytest.raises(SystemExit):
+            parse_config(['--feature-pool', bad])
 
 
 def test_eval_memory_bench_runs_and_cutting_the_score_axis_keeps_the_metrics():

@@ -244,6 +244,19 @@ def test_checkpoint_from_other_encoder_is_refused(trained):
     assert proc.stderr.startswith('error:') and '-enc' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_checkpoint_with_other_feature_pool_is_refused(trained):
+    """Flows trained on raw features must not score pooled ones (nor the reverse)."""
+    work, out, _ = trained
+    ckpt = out / 'weights' / (_result(out)['model_name'] + '.pt')
+    proc = run_main('--dataset', 'mvtec', '--class-name', 'widget', '--data-path', str(work / 'data'), '-inp', '128',
+                    '-enc', 'efficientnet_lite0', '-cb', '2', '--feature-pool', '3', '--no-cuda', '--workers', '0',
+                    '--action-type', 'norm-test', '--checkpoint', str(ckpt), '--output-dir', str(work / 'bad'),
+                    cwd=work)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error:') and 'pass --feature-pool 1' in err[0], proc.stderr
+
+
 def test_norm_test_reads_original_layout(trained, tmp_path):
     """A checkpoint with only encoder_state_dict and decoder_state_dict, as the original code writes them."""
     import torch

@@ -140,6 +140,41 @@ def test_tta_averages_the_grids_of_the_flipped_images(tta):
     assert not torch.allclose(got[0], none[0], atol=1e-3)
 
 
+@pytest.mark.parametrize('k', [1, 3, 5])
+def test_feature_pool_is_the_mean_over_the_neighbourhood_inside_the_map(k):
+    """pool_features against a loop over positions: the mean of the k x k window clipped to the map."""
+    feat = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(1))
+    got = train.pool_features([feat], k)[0]
+    r = k // 2
+    brute = torch.empty_like(feat)
+    for y in range(5):
+        for x in range(7):
+            brute[:, :, y, x] = feat[:, :, max(0, y - r):y + r + 1, max(0, x - r):x + r + 1].mean(dim=(2, 3))
+    assert got.shape == feat.shape
+    torch.testing.assert_close(got, brute, rtol=1e-6, atol=1e-6)
+
+
+def test_feature_pool_reaches_the_flows_in_training_and_testing():
+    """--feature-pool changes the features the flows see, at test time and in training batches alike."""
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    plain = Config(condition_dim=16, progress=False)
+    pooled = plain.replace(feature_pool=3)
+    encoder, decoders = _TwoScaleEncoder(), _decoders(plain)
+    raw = encoder(images)
+    for got, want in zip(train.encode_batch(pooled, encoder, images, torch.device('cpu')),
+                         train.pool_features(raw, 3)):
+        torch.testing.assert_close(got, want)
+
+    class Pooled(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return train.pool_features(encoder(x), 3)
+
+    got = _grids(pooled, images, encoder, decoders)
+    for g, want in zip(got, _grids(plain, images, Pooled(), decoders)):
+        torch.testing.assert_close(g, want)
+    assert not torch.allclose(got[0], _grids(plain, images, encoder, decoders)[0], atol=1e-3)
+
+
 @pytest.mark.parametrize('score_norm,budget', [('test', 1 << 22), ('position', 1 << 22), ('test', 9)])
 def test_measure_in_chunks_equals_whole_set_metrics(monkeypatch, score_norm, budget):
     """train.measure, one image per chunk (maps made twice), against metrics of the whole set's maps."""

@@ -64,7 +64,7 @@ _PAPER_COLUMNS = {
 # six always appear in the label; the others only where the results differ in them.
 _BASE_KEYS = ('dataset', 'enc_arch', 'dec_arch', 'pool_layers', 'coupling_blocks', 'action_type')
 _EXTRA_KEYS = ('meta_epochs', 'sub_epochs', 'lr', 'batch_size', 'fiber_batch', 'score_norm',
-               'encoder_weights', 'precision', 'adam_mode', 'tta')
+               'encoder_weights', 'precision', 'adam_mode', 'tta', 'feature_pool')
 
 CSV_FIELDS = (['configuration', *_BASE_KEYS, 'class_name', 'input_size', 'row', 'status', 'error', 'n_runs',
                'n_failed', 'n_classes']
@@ -158,6 +158,8 @@ def _setting(result: dict, key: str) -> object:
         return result.get('dataset', config.get('dataset'))
     if key == 'tta':
         return config.get(key, 'none')  # results written before --tta existed
+    if key == 'feature_pool':
+        return config.get(key, 1)  # results written before --feature-pool existed
     return config.get(key)
 
 
