@@ -66,6 +66,9 @@ _BASE_KEYS = ('dataset', 'enc_arch', 'dec_arch', 'pool_layers', 'coupling_blocks
 _EXTRA_KEYS = ('meta_epochs', 'sub_epochs', 'lr', 'batch_size', 'fiber_batch', 'score_norm',
                'encoder_weights', 'precision', 'adam_mode', 'tta', 'feature_pool')
 
+# Settings added after results files existed: the value that older files, which lack them, ran with.
+_ADDED_SETTINGS = {'tta': 'none', 'feature_pool': 1}
+
 CSV_FIELDS = (['configuration', *_BASE_KEYS, 'class_name', 'input_size', 'row', 'status', 'error', 'n_runs',
                'n_failed', 'n_classes']
               + [f'{m}_{k}_{s}' for m in METRICS for k in KINDS for s in ('mean', 'std', 'n')]
@@ -156,11 +159,7 @@ def _setting(result: dict, key: str) -> object:
         return _action_type(result)
     if key == 'dataset':
         return result.get('dataset', config.get('dataset'))
-    if key == 'tta':
-        return config.get(key, 'none')  # results written before --tta existed
-    if key == 'feature_pool':
-        return config.get(key, 1)  # results written before --feature-pool existed
-    return config.get(key)
+    return config.get(key, _ADDED_SETTINGS.get(key))
 
 
 def _metric(result: dict, kind: str, metric: str) -> float | None:
