@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from custom_datasets import DATASET_NAMES
+from custom_datasets import DATASET_NAMES, FLIP_CHOICES
 from custom_models.encoders import ENCODER_NAMES
 from custom_models.flow import DECODER_NAMES
 
 ACTION_TYPES = ('norm-train', 'norm-test')
 DEFAULT_INPUT_SIZE = 256
+
+
+def pool_sizes(feature_pool: int | Sequence[int], n_scales: int) -> tuple[int, ...]:
+    """``--feature-pool`` as one K per scale (finest first): a single K applies to every scale."""
+    if isinstance(feature_pool, int):
+        return (feature_pool,) * n_scales
+    return tuple(int(k) for k in feature_pool)
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,8 @@ class Config:
     precision: str = 'fp32'
     compile: bool = False
     tta: str = 'none'
-    feature_pool: int = 1
+    feature_pool: int | tuple[int, ...] = 1
+    train_flips: str = 'none'
     adam_mode: str = 'paper'
     run_count: int = 1
     resume: bool = False
@@ -70,10 +79,13 @@ class Config:
     @property
     def model_name(self) -> str:
         """``{dataset}_{enc}_{dec}_pl{L}_cb{K}_inp{inp}_run{run}_{class}``, as the original names runs
-        (``_fp{k}`` follows ``cb{K}`` when ``--feature-pool`` k > 1)."""
-        pool = f'_fp{self.feature_pool}' if self.feature_pool > 1 else ''
+        (``_fp{k}`` follows ``cb{K}`` when ``--feature-pool`` k > 1, ``_fp{k1}-{k2}-{k3}`` with one k per
+        scale, then ``_tr{flips}`` with ``--train-flips``)."""
+        ks = pool_sizes(self.feature_pool, self.pool_layers)
+        pool = '' if max(ks) == 1 else f'_fp{ks[0]}' if len(set(ks)) == 1 else '_fp' + '-'.join(map(str, ks))
+        flips = f'_tr{self.train_flips}' if self.train_flips != 'none' else ''
         return (f'{self.dataset}_{self.enc_arch}_{self.dec_arch}_pl{self.pool_layers}_cb{self.coupling_blocks}'
-                f'{pool}_inp{self.input_size}_run{self.run_name}_{self.class_name}')
+                f'{pool}{flips}_inp{self.input_size}_run{self.run_name}_{self.class_name}')
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,10 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help='test-time augmentation: score each image also mirrored left-right (hflip) or mirrored '
                         'left-right, upside down and both (flips), map the log-likelihoods back and average '
                         'them; costs 2x or 4x the test forward pass, training is unchanged')
-    n.add_argument('--feature-pool', default=1, type=int, metavar='K',
+    n.add_argument('--feature-pool', default=[1], type=int, nargs='+', metavar='K',
                    help='average each encoder feature map over K x K neighbourhoods (stride 1, same size; at '
                         'the borders over the positions inside the map) before the flows, in training and '
                         'testing: each fiber then describes its neighbourhood; odd K, 1 (default) = off, as '
+                        'the paper; one K for every scale or one per scale, finest first (e.g. 1 3 3)')
+    n.add_argument('--train-flips', default='none', choices=FLIP_CHOICES,
+                   help='training augmentation on top of the original ±5° rotation: mirror each training image '
+                        'left-right (hflip) or left-right and upside down (flips), each with probability 1/2; '
+                        'for subjects whose mirror images are normal too (textures, tiles); none (default) = '
                         'the paper')
     n.add_argument('--adam-mode', default='paper', choices=('paper', 'torch2'),
                    help='paper: one Adam over all decoders whose idle decoders keep moving on their momentum '
@@ -173,8 +190,13 @@ def parse_config(argv: list[str] | None = None) -> Config:
     for name in positive:
         if values[name] < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1, got {values[name]}')
-    if values['feature_pool'] < 1 or values['feature_pool'] % 2 == 0:
-        parser.error(f'--feature-pool must be an odd number of at least 1, got {values["feature_pool"]}')
+    pools = values['feature_pool']
+    if any(k < 1 or k % 2 == 0 for k in pools):
+        parser.error(f'--feature-pool must be odd numbers of at least 1, got {" ".join(map(str, pools))}')
+    if len(pools) not in (1, values['pool_layers']):
+        parser.error(f'--feature-pool takes one K or one per scale ({values["pool_layers"]} with -pl '
+                     f'{values["pool_layers"]}), got {len(pools)}')
+    values['feature_pool'] = pools[0] if len(set(pools)) == 1 else tuple(pools)
     if values['workers'] < 0:
         parser.error('--workers must be 0 or more')
     if values['lr'] <= 0:

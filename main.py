@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from config import Config, parse_config
+from config import Config, parse_config, pool_sizes
 from custom_datasets import build_datasets, default_data_path, list_classes
 from custom_models.encoders import Encoder, build_encoder
 from custom_models.flow import build_decoder
@@ -94,10 +94,12 @@ def print_header(cfg: Config, encoder: Encoder, train_set, test_set, device: tor
     print(f'Model: {cfg.model_name}', flush=True)
     tta = '' if cfg.tta == 'none' else f', test-time flips {cfg.tta}'
     print(f'Device: {device}, precision {cfg.precision}, seed {cfg.seed}{tta}', flush=True)
-    pool = f', features averaged over {cfg.feature_pool}x{cfg.feature_pool}' if cfg.feature_pool > 1 else ''
+    ks = pool_sizes(cfg.feature_pool, cfg.pool_layers)
+    pool = '' if max(ks) == 1 else ', features averaged over ' + ' / '.join(f'{k}x{k}' for k in ks)
     print(f'Encoder {cfg.enc_arch}: {cfg.pool_layers} pool layers, channels {encoder.channels}, '
           f'strides {encoder.strides}{pool}', flush=True)
-    print(f'train images: {len(train_set)}, test images: {len(test_set)} '
+    mirrored = {'none': '', 'hflip': ', mirrored left-right at random', 'flips': ', mirrored at random'}
+    print(f'train images: {len(train_set)}{mirrored[cfg.train_flips]}, test images: {len(test_set)} '
           f'({int(np.sum(test_set.labels))} anomalous)', flush=True)
     if cfg.pro and cfg.score_norm == 'position':
         print('note: --score-norm position gives unbounded maps; the original AUPRO variant (evenly spaced '
@@ -151,6 +153,11 @@ def build_encoder_for(cfg: Config, checkpoint: dict | None) -> Encoder:
     return build_encoder(cfg.enc_arch, cfg.pool_layers, cfg.encoder_weights)
 
 
+def _flag_value(ks: tuple[int, ...]) -> str:
+    """``--feature-pool`` sizes as they are typed: one K when the scales agree."""
+    return str(ks[0]) if len(set(ks)) == 1 else ' '.join(map(str, ks))
+
+
 def check_checkpoint_config(cfg: Config, ckpt: dict, source: str) -> None:
     saved = ckpt.get('config')
     if not isinstance(saved, dict):
@@ -158,9 +165,14 @@ def check_checkpoint_config(cfg: Config, ckpt: dict, source: str) -> None:
     saved = {'feature_pool': 1, **saved}  # checkpoints written before --feature-pool existed: no pooling
     for key, flag in (('enc_arch', '-enc'), ('dec_arch', '-dec'), ('pool_layers', '-pl'),
                       ('coupling_blocks', '-cb'), ('feature_pool', '--feature-pool')):
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise UserError(f'{source} was trained with {flag} {saved[key]}, but this run uses {flag} '
-                            f'{getattr(cfg, key)}; pass {flag} {saved[key]}')
+        if key not in saved:
+            continue
+        was, now = saved[key], getattr(cfg, key)
+        if key == 'feature_pool':  # one K or one per scale (a list once saved)
+            was, now = (_flag_value(pool_sizes(v, cfg.pool_layers)) for v in (was, now))
+        if was != now:
+            raise UserError(f'{source} was trained with {flag} {was}, but this run uses {flag} {now}; '
+                            f'pass {flag} {was}')
     if saved.get('input_size') not in (None, cfg.input_size):
         print(f'note: {source} was trained with -inp {saved["input_size"]}; evaluating at -inp {cfg.input_size}',
               flush=True)
@@ -234,7 +246,8 @@ def run_one(cfg: Config) -> dict:
     encoder = build_encoder_for(cfg, ckpt if testing else resume_ckpt).to(device)
     mean, std = normalisation(cfg, encoder)
     root = cfg.data_path or default_data_path(cfg.dataset)
-    train_set, test_set = build_datasets(cfg.dataset, root, cfg.class_name, cfg.input_size, mean, std)
+    train_set, test_set = build_datasets(cfg.dataset, root, cfg.class_name, cfg.input_size, mean, std,
+                                         train_flips=cfg.train_flips)
     print_header(cfg, encoder, train_set, test_set, device)
     decoders = [build_decoder(cfg.dec_arch, ch, cfg.condition_dim, cfg.coupling_blocks, cfg.clamp_alpha).to(device)
                 for ch in encoder.channels]

@@ -6,7 +6,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import Config
+from config import Config, pool_sizes
 from custom_models.encoders import Encoder
 from custom_models.flow import (condition_fibers, condition_tables, fiber_log_prob, fiber_loss, flatten_fibers,
                                 grid_log_prob, positional_encoding_2d)
@@ -224,12 +224,12 @@ def _compiled(encoder: Encoder) -> dict:
     return _COMPILED
 
 
-def pool_features(features: list[Tensor], k: int) -> list[Tensor]:
+def pool_features(features: list[Tensor], k: int | Sequence[int]) -> list[Tensor]:
     """Each B x C x H x W map averaged over k x k neighbourhoods (``--feature-pool``): stride 1, the same
-    size, and at the borders the mean of the positions inside the map. ``k = 1`` returns the maps as they are."""
-    if k == 1:
-        return features
-    return [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in features]
+    size, and at the borders the mean of the positions inside the map. ``k`` is one size for every map or one
+    per map; a map with ``k = 1`` is returned as it is."""
+    return [f if k == 1 else F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+            for f, k in zip(features, pool_sizes(k, len(features)), strict=True)]
 
 
 def _encode_chunk(cfg: Config, encoder: Encoder, chunk: Tensor, device: torch.device) -> list[Tensor]:

@@ -9,16 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from custom_datasets import mtd, mvtec, stc
-from custom_datasets.common import IMAGE_EXTENSIONS, AnomalyDataset, MaskRef, Sample, check_files, read_mask
+from custom_datasets.common import (FLIP_CHOICES, IMAGE_EXTENSIONS, AnomalyDataset, MaskRef, Sample, check_files,
+                                    read_mask)
 from custom_datasets.mtd import MTD_CLASS, MTD_DEFECTS, mtd_split, mtd_validation_split
 from custom_datasets.stc import STC_SCENES
 from custom_datasets.textures import TEXTURE_CLASSES, TEXTURE_DEFECTS, make_textures
 from utils.errors import UserError
 
-__all__ = ['DATASET_NAMES', 'IMAGE_EXTENSIONS', 'MTD_CLASS', 'MTD_DEFECTS', 'MVTEC_CLASSES', 'STC_SCENES',
-           'TEXTURE_CLASSES', 'TEXTURE_DEFECTS', 'AnomalyDataset', 'MaskRef', 'Sample', 'build_datasets',
-           'default_data_path', 'list_classes', 'make_textures', 'mtd_split', 'mtd_validation_split',
-           'read_mask']
+__all__ = ['DATASET_NAMES', 'FLIP_CHOICES', 'IMAGE_EXTENSIONS', 'MTD_CLASS', 'MTD_DEFECTS', 'MVTEC_CLASSES',
+           'STC_SCENES', 'TEXTURE_CLASSES', 'TEXTURE_DEFECTS', 'AnomalyDataset', 'MaskRef', 'Sample',
+           'build_datasets', 'default_data_path', 'list_classes', 'make_textures', 'mtd_split',
+           'mtd_validation_split', 'read_mask']
 
 DATASET_NAMES = ('mvtec', 'stc', 'mtd', 'textures')
 MVTEC_CLASSES = ('bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 'leather', 'metal_nut', 'pill',
@@ -93,11 +94,12 @@ def _samples(dataset: str, root: Path, class_name: str, progress: bool) -> tuple
 
 
 def build_datasets(dataset: str, root: str | Path, class_name: str, input_size: int, mean: Sequence[float],
-                   std: Sequence[float], rotation_deg: float = 5.0,
+                   std: Sequence[float], rotation_deg: float = 5.0, train_flips: str = 'none',
                    progress: bool = True) -> tuple[AnomalyDataset, AnomalyDataset]:
     """Train and test datasets of one class.
 
-    The training set applies RandomRotation(rotation_deg) (none when 0); the test set never rotates. Every
+    The training set applies RandomRotation(rotation_deg) (none when 0) and the random mirrorings of
+    ``train_flips``; the test set is never rotated or mirrored. Every
     image and image-mask header is read once here so that unreadable files and mask/image size mismatches
     fail before training (STC training frames, which are written by this package, are not checked).
 
@@ -108,6 +110,8 @@ def build_datasets(dataset: str, root: str | Path, class_name: str, input_size: 
         input_size: side S of the square images and masks.
         mean, std: per-channel normalisation.
         rotation_deg: maximum training rotation in degrees.
+        train_flips: ``'none'``, ``'hflip'`` (left-right, probability 1/2) or ``'flips'`` (left-right and
+            upside down, each independently with probability 1/2), training set only.
         progress: show a progress bar while STC training videos are decoded.
 
     Returns:
@@ -126,5 +130,5 @@ def build_datasets(dataset: str, root: str | Path, class_name: str, input_size: 
     if not test:
         raise UserError(f'the test set of {where} is empty; it needs test images ({_LAYOUTS[dataset]})')
     check_files(test if dataset == 'stc' else train + test)
-    return (AnomalyDataset(train, input_size, mean, std, rotation_deg),
+    return (AnomalyDataset(train, input_size, mean, std, rotation_deg, train_flips),
             AnomalyDataset(test, input_size, mean, std, 0.0))

@@ -158,12 +158,16 @@ def _size_error(image: str, size: tuple[int, int], mask: str, mask_size: tuple[i
                      f'{size[0]}x{size[1]} (width x height); masks must have their image\'s size')
 
 
+FLIP_CHOICES = ('none', 'hflip', 'flips')
+
+
 class AnomalyDataset(Dataset):
     """Images with image labels and pixel masks, transformed as in the original CFLOW-AD.
 
     Image transform: square Resize((S, S)) with LANCZOS (PIL's antialias filter), then, for training only,
-    RandomRotation(rotation_deg) with NEAREST interpolation, fill 0 and no expansion, then ToTensor and
-    Normalize(mean, std). Masks are binarised at their own resolution and resized with NEAREST.
+    RandomRotation(rotation_deg) with NEAREST interpolation, fill 0 and no expansion, then the random mirrorings
+    of ``flips`` (``'hflip'``: left-right with probability 1/2; ``'flips'``: also upside down, independently),
+    then ToTensor and Normalize(mean, std). Masks are binarised at their own resolution and resized with NEAREST.
 
     Attributes:
         samples: the samples, in dataset order.
@@ -175,7 +179,7 @@ class AnomalyDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], input_size: int, mean: Sequence[float],
-                 std: Sequence[float], rotation_deg: float = 0.0) -> None:
+                 std: Sequence[float], rotation_deg: float = 0.0, flips: str = 'none') -> None:
         self.samples = list(samples)
         self.input_size = int(input_size)
         self.labels = [s.label for s in self.samples]
@@ -188,6 +192,12 @@ class AnomalyDataset(Dataset):
         if rotation_deg:
             steps.append(T.RandomRotation(rotation_deg, interpolation=T.InterpolationMode.NEAREST,
                                           expand=False, fill=0))
+        if flips not in FLIP_CHOICES:
+            raise ValueError(f'flips must be one of {FLIP_CHOICES}, got {flips!r}')
+        if flips in ('hflip', 'flips'):
+            steps.append(T.RandomHorizontalFlip())
+        if flips == 'flips':
+            steps.append(T.RandomVerticalFlip())
         steps += [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
         self.transform = T.Compose(steps)
 

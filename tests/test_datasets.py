@@ -255,6 +255,27 @@ def test_rotation_only_in_train(mvtec_root):
     assert torch.equal(train0[0][0], reference)
 
 
+@pytest.mark.parametrize('flips, expected', [('none', {'id'}), ('hflip', {'id', 'lr'}),
+                                              ('flips', {'id', 'lr', 'ud', 'both'})])
+def test_train_flips_mirror_training_images_only(mvtec_root, flips, expected):
+    train, test = build_datasets('mvtec', mvtec_root, 'widget', SIDE, MEAN, STD, rotation_deg=0.0,
+                                 train_flips=flips)
+    plain, plain_test = build_datasets('mvtec', mvtec_root, 'widget', SIDE, MEAN, STD, rotation_deg=0.0)
+    reference = plain[0][0]
+    views = {'id': reference, 'lr': reference.flip(-1), 'ud': reference.flip(-2), 'both': reference.flip(-1, -2)}
+    assert len({v.numpy().tobytes() for v in views.values()}) == 4  # the image has no mirror symmetry
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        draw = train[0][0]
+        match = [name for name, v in views.items() if torch.equal(draw, v)]
+        assert len(match) == 1, 'a training image is the image or one of its mirror images'
+        seen.add(match[0])
+    assert seen == expected
+    for i in range(len(test)):  # the test set is never mirrored
+        assert torch.equal(test[i][0], plain_test[i][0]) and torch.equal(test[i][2], plain_test[i][2])
+
+
 def test_missing_root_names_path_and_flag(tmp_path):
     missing = tmp_path / 'no_such_folder'
     for dataset in ('mvtec', 'stc', 'mtd'):

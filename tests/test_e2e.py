@@ -173,10 +173,13 @@ def test_position_score_norm_is_saved_and_reused(trained, tmp_path):
 
 
 def test_interrupted_run_resumes_identically(trained, tmp_path):
-    """Ctrl-C after the first meta-epoch, then --resume: the same history as an uninterrupted run."""
+    """Ctrl-C after the first meta-epoch, then --resume: the same history as an uninterrupted run (with the
+    training images mirrored at random, so that the augmentation's random state is resumed too)."""
     import signal
     work, out, _ = trained
-    args = [*COMMON, '--data-path', str(work / 'data'), '--sub-epochs', '1', '--meta-epochs', '3']
+    args = [*COMMON, '--data-path', str(work / 'data'), '--sub-epochs', '1', '--meta-epochs', '3',
+            '--train-flips', 'hflip']
+    name = _result(out)['model_name'].replace('_inp', '_trhflip_inp', 1)
     cmd = [sys.executable, str(REPO / 'main.py'), *args, '--output-dir', str(tmp_path / 'out')]
     # a child inherits an ignored SIGINT (as under `nohup` or `&`) and then never sees Ctrl-C: restore it
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -189,17 +192,18 @@ def test_interrupted_run_resumes_identically(trained, tmp_path):
     stderr = proc.stderr.read()
     proc.wait(timeout=120)
     assert proc.returncode == 130 and '--resume' in stderr and 'Traceback' not in stderr, stderr[-2000:]
-    ckpt = torch_load(tmp_path / 'out' / 'weights' / (_result(out)['model_name'] + '.pt'))
+    ckpt = torch_load(tmp_path / 'out' / 'weights' / (name + '.pt'))
     assert ckpt['epoch'] == 0
     # the same command again refuses to overwrite the checkpoint
     again = run_main(*args, '--output-dir', str(tmp_path / 'out'), cwd=work)
     assert again.returncode == 2 and '--resume' in again.stderr and 'Traceback' not in again.stderr
     resumed = run_main(*args, '--output-dir', str(tmp_path / 'out'), '--resume', cwd=work)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert 'Resuming after meta-epoch 0' in resumed.stdout
+    assert 'Resuming after meta-epoch 0' in resumed.stdout and 'mirrored left-right at random' in resumed.stdout
     straight = run_main(*args, '--output-dir', str(tmp_path / 'straight'), cwd=work)
     assert straight.returncode == 0
-    a, b = _result(tmp_path / 'out')['history'], _result(tmp_path / 'straight')['history']
+    a, b = (json.loads((tmp_path / run / 'results' / f'{name}.json').read_text())['history']
+            for run in ('out', 'straight'))
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
         assert ra['train_loss'] == pytest.approx(rb['train_loss'], rel=1e-6)

@@ -129,6 +129,20 @@ def test_mixed_configurations_are_not_averaged():
     assert {r['configuration'].split(', ')[-1] for r in class_rows} == {'meta_epochs=1', 'meta_epochs=25'}
 
 
+def test_per_scale_feature_pool_and_train_flips_are_configurations():
+    """A per-scale --feature-pool (a list in JSON) groups like any setting; files without the newer
+    settings count as no pooling and no mirroring."""
+    rows = build_table([make_result('bottle', 0, metrics(99.0, 98.0, 95.0), feature_pool=[1, 3, 3]),
+                        make_result('bottle', 1, metrics(97.0, 96.0, 93.0), feature_pool=[1, 3, 3]),
+                        make_result('bottle', 2, metrics(91.0, 90.0, 85.0), feature_pool=1, train_flips='none'),
+                        make_result('bottle', 3, metrics(90.0, 89.0, 84.0)),
+                        make_result('bottle', 4, metrics(80.0, 79.0, 74.0), train_flips='flips')])
+    class_rows = sorted((r for r in rows if r['row'] == 'class'), key=lambda r: -r['n_runs'])
+    assert [r['n_runs'] for r in class_rows] == [2, 2, 1]
+    labels = [r['configuration'] for r in class_rows]
+    assert 'feature_pool=(1, 3, 3)' in labels[0] and 'train_flips=flips' in labels[2]
+
+
 def test_markdown_and_csv(results):
     rows = build_table(results)
     text = format_markdown(rows)

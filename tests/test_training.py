@@ -154,6 +154,42 @@ def test_feature_pool_is_the_mean_over_the_neighbourhood_inside_the_map(k):
     torch.testing.assert_close(got, brute, rtol=1e-6, atol=1e-6)
 
 
+def test_feature_pool_per_scale():
+    """One K per scale pools each map with its own K (finest first); 1 leaves a map as it is."""
+    feats = [torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    got = train.pool_features(feats, (1, 3, 5))
+    assert got[0] is feats[0]
+    for g, f, k in zip(got[1:], feats[1:], (3, 5)):
+        torch.testing.assert_close(g, train.pool_features([f], k)[0])
+    with pytest.raises(ValueError):
+        train.pool_features(feats, (1, 3))
+
+
+def test_feature_pool_options_and_checkpoint_check():
+    """--feature-pool: one K or one per scale; equal Ks fold to one; a checkpoint is refused with other Ks."""
+    import main
+    from config import parse_config
+    from utils.errors import UserError
+    assert parse_config(['--feature-pool', '3']).feature_pool == 3
+    assert parse_config(['--feature-pool', '3', '3', '3']).feature_pool == 3
+    per_scale = parse_config(['--feature-pool', '1', '3', '3'])
+    assert per_scale.feature_pool == (1, 3, 3)
+    assert '_cb8_fp1-3-3_inp256_' in per_scale.model_name
+    assert '_fp' not in parse_config(['--feature-pool', '1', '1', '1']).model_name
+    for bad in (['2'], ['1', '3'], ['1', '3', '3', '3'], ['3', '0', '3']):
+        with pytest.raises(SystemExit):
+            parse_config(['--feature-pool', *bad])
+    assert parse_config(['-pl', '2', '--feature-pool', '1', '3']).feature_pool == (1, 3)
+    saved = {'config': {**per_scale.to_dict(), 'feature_pool': [1, 3, 3]}}  # as a list once saved
+    main.check_checkpoint_config(per_scale, saved, 'model.pt')
+    for other, flag in ((parse_config([]), 'pass --feature-pool 1 3 3'),
+                        (parse_config(['--feature-pool', '3']), 'pass --feature-pool 1 3 3')):
+        with pytest.raises(UserError, match=flag):
+            main.check_checkpoint_config(other, saved, 'model.pt')
+    with pytest.raises(UserError, match='pass --feature-pool 1$'):
+        main.check_checkpoint_config(per_scale, {'config': {'enc_arch': per_scale.enc_arch}}, 'old.pt')
+
+
 def test_feature_pool_reaches_the_flows_in_training_and_testing():
     """--feature-pool changes the features the flows see, at test time and in training batches alike."""
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))

@@ -64,10 +64,10 @@ _PAPER_COLUMNS = {
 # six always appear in the label; the others only where the results differ in them.
 _BASE_KEYS = ('dataset', 'enc_arch', 'dec_arch', 'pool_layers', 'coupling_blocks', 'action_type')
 _EXTRA_KEYS = ('meta_epochs', 'sub_epochs', 'lr', 'batch_size', 'fiber_batch', 'score_norm',
-               'encoder_weights', 'precision', 'adam_mode', 'tta', 'feature_pool')
+               'encoder_weights', 'precision', 'adam_mode', 'tta', 'feature_pool', 'train_flips')
 
 # Settings added after results files existed: the value that older files, which lack them, ran with.
-_ADDED_SETTINGS = {'tta': 'none', 'feature_pool': 1}
+_ADDED_SETTINGS = {'tta': 'none', 'feature_pool': 1, 'train_flips': 'none'}
 
 CSV_FIELDS = (['configuration', *_BASE_KEYS, 'class_name', 'input_size', 'row', 'status', 'error', 'n_runs',
                'n_failed', 'n_classes']
@@ -159,7 +159,8 @@ def _setting(result: dict, key: str) -> object:
         return _action_type(result)
     if key == 'dataset':
         return result.get('dataset', config.get('dataset'))
-    return config.get(key, _ADDED_SETTINGS.get(key))
+    value = config.get(key, _ADDED_SETTINGS.get(key))
+    return tuple(value) if isinstance(value, list) else value  # e.g. --feature-pool per scale: hashable
 
 
 def _metric(result: dict, kind: str, metric: str) -> float | None:
