@@ -54,13 +54,16 @@ def test_recipe_and_scorings_are_valid_command_lines():
             cfg.feature_pool, cfg.score_norm, cfg.tta) == tuple(mtd.RECIPE[k] for k in (
                 'encoder', 'input_size', 'meta_epochs', 'sub_epochs', 'pool_layers', 'coupling_blocks',
                 'feature_pool', 'score_norm', 'tta'))
-    assert cfg.model_name == 'mtd_efficientnet_lite2_freia-cflow_pl3_cb8_fp3_inp320_run0_none'
+    assert cfg.model_name == 'mtd_efficientnet_lite2_freia-cflow_pl3_cb8_fp3_inp384_run0_none'
     for cand in mtd.CANDIDATES:
         for score_norm, tta in mtd.SCORINGS:
             cfg = parse_config(mtd.recipe_args({**cand, 'score_norm': score_norm, 'tta': tta}))
             assert (cfg.score_norm, cfg.tta, cfg.input_size) == (score_norm, tta, cand['input_size'])
             assert cfg.feature_pool == cand.get('feature_pool', 1)
+            assert cfg.train_flips == cand.get('train_flips', 'none')
     assert parse_config([]).model_name == 'mvtec_wide_resnet50_2_freia-cflow_pl3_cb8_inp256_run0_none'
+    assert (parse_config(['--feature-pool', '3', '--train-flips', 'hflip']).model_name
+            == 'mvtec_wide_resnet50_2_freia-cflow_pl3_cb8_fp3_trhflip_inp256_run0_none')
     for bad in ('0', '2'):
         with pytest.raises(SystemExit):
             parse_config(['--feature-pool', bad])
