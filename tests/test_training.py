@@ -182,9 +182,8 @@ def test_feature_pool_options_and_checkpoint_check():
     assert parse_config(['-pl', '2', '--feature-pool', '1', '3']).feature_pool == (1, 3)
     saved = {'config': {**per_scale.to_dict(), 'feature_pool': [1, 3, 3]}}  # as a list once saved
     main.check_checkpoint_config(per_scale, saved, 'model.pt')
-    for other, flag in ((parse_config([]), 'pass --feature-pool 1 3 3'),
-                        (parse_config(['--feature-pool', '3']), 'pass --feature-pool 1 3 3')):
-        with pytest.raises(UserError, match=flag):
+    for other in (parse_config([]), parse_config(['--feature-pool', '3'])):
+        with pytest.raises(UserError, match='pass --feature-pool 1 3 3$'):
             main.check_checkpoint_config(other, saved, 'model.pt')
     with pytest.raises(UserError, match='pass --feature-pool 1$'):
         main.check_checkpoint_config(per_scale, {'config': {'enc_arch': per_scale.enc_arch}}, 'old.pt')
