@@ -25,6 +25,11 @@ def pool_sizes(feature_pool: int | Sequence[int], n_scales: int) -> tuple[int, .
     return tuple(int(k) for k in feature_pool)
 
 
+def fold_pool_sizes(ks: Sequence[int]) -> int | tuple[int, ...]:
+    """``--feature-pool`` as it is stored and typed: one K when every scale has the same, else one per scale."""
+    return int(ks[0]) if len(set(ks)) == 1 else tuple(int(k) for k in ks)
+
+
 @dataclass(frozen=True)
 class Config:
     """All settings of one run; nothing changes them after :func:`parse_config`."""
@@ -81,8 +86,8 @@ class Config:
         """``{dataset}_{enc}_{dec}_pl{L}_cb{K}_inp{inp}_run{run}_{class}``, as the original names runs
         (``_fp{k}`` follows ``cb{K}`` when ``--feature-pool`` k > 1, ``_fp{k1}-{k2}-{k3}`` with one k per
         scale, then ``_tr{flips}`` with ``--train-flips``)."""
-        ks = pool_sizes(self.feature_pool, self.pool_layers)
-        pool = '' if max(ks) == 1 else f'_fp{ks[0]}' if len(set(ks)) == 1 else '_fp' + '-'.join(map(str, ks))
+        fp = fold_pool_sizes(pool_sizes(self.feature_pool, self.pool_layers))
+        pool = '' if fp == 1 else f'_fp{fp}' if isinstance(fp, int) else '_fp' + '-'.join(map(str, fp))
         flips = f'_tr{self.train_flips}' if self.train_flips != 'none' else ''
         return (f'{self.dataset}_{self.enc_arch}_{self.dec_arch}_pl{self.pool_layers}_cb{self.coupling_blocks}'
                 f'{pool}{flips}_inp{self.input_size}_run{self.run_name}_{self.class_name}')
@@ -196,7 +201,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if len(pools) not in (1, values['pool_layers']):
         parser.error(f'--feature-pool takes one K or one per scale ({values["pool_layers"]} with -pl '
                      f'{values["pool_layers"]}), got {len(pools)}')
-    values['feature_pool'] = pools[0] if len(set(pools)) == 1 else tuple(pools)
+    values['feature_pool'] = fold_pool_sizes(pools)
     if values['workers'] < 0:
         parser.error('--workers must be 0 or more')
     if values['lr'] <= 0:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from config import Config, parse_config, pool_sizes
+from config import Config, fold_pool_sizes, parse_config, pool_sizes
 from custom_datasets import build_datasets, default_data_path, list_classes
 from custom_models.encoders import Encoder, build_encoder
 from custom_models.flow import build_decoder
@@ -155,7 +155,8 @@ def build_encoder_for(cfg: Config, checkpoint: dict | None) -> Encoder:
 
 def _flag_value(ks: tuple[int, ...]) -> str:
     """``--feature-pool`` sizes as they are typed: one K when the scales agree."""
-    return str(ks[0]) if len(set(ks)) == 1 else ' '.join(map(str, ks))
+    fp = fold_pool_sizes(ks)
+    return str(fp) if isinstance(fp, int) else ' '.join(map(str, fp))
 
 
 def check_checkpoint_config(cfg: Config, ckpt: dict, source: str) -> None:
