@@ -65,6 +65,7 @@ class Config:
     score_norm: str = 'test'
     precision: str = 'fp32'
     compile: bool = False
+    cuda_graphs: bool = False
     tta: str = 'none'
     feature_pool: int | tuple[int, ...] = 1
     train_flips: str = 'none'
@@ -160,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                         'forward pass with torch.compile: a one-off cost of about a minute (timing.compile_s), '
                         'then faster training and scoring with the same results to float rounding; on the CPU '
                         'it needs a C++ compiler')
+    n.add_argument('--cuda-graphs', action='store_true',
+                   help='with --compile on a CUDA device: record each decoder\'s training step (flows forward and '
+                        'backward on one fiber batch) once as a CUDA graph and replay it at every step '
+                        "(torch.compile's mode 'reduce-overhead'), instead of launching its many small kernels "
+                        'one by one; the same arithmetic; on the CPU it changes nothing')
     n.add_argument('--tta', default='none', choices=('none', 'hflip', 'flips'),
                    help='test-time augmentation: score each image also mirrored left-right (hflip) or mirrored '
                         'left-right, upside down and both (flips), map the log-likelihoods back and average '
@@ -202,6 +208,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.error(f'--feature-pool takes one K or one per scale ({values["pool_layers"]} with -pl '
                      f'{values["pool_layers"]}), got {len(pools)}')
     values['feature_pool'] = fold_pool_sizes(pools)
+    if values['cuda_graphs'] and not values['compile']:
+        parser.error('--cuda-graphs records the compiled training step: add --compile')
     if values['workers'] < 0:
         parser.error('--workers must be 0 or more')
     if values['lr'] <= 0:

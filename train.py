@@ -72,7 +72,13 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-TEST_ENCODER_CHUNK = 8  # images per encoder call at test time
+TEST_ENCODER_CHUNK = 8  # images per encoder call at test time on the CPU (bounds its activation memory)
+CUDA_ENCODER_CHUNK = 32  # the same on a CUDA device, where small calls leave the GPU idle
+
+
+def encoder_chunk(device: torch.device) -> int:
+    """Images per encoder call at test time (and per compiled encoder call in training) on ``device``."""
+    return CUDA_ENCODER_CHUNK if device.type == 'cuda' else TEST_ENCODER_CHUNK
 
 
 class PositionCache:
@@ -154,7 +160,7 @@ def train_meta_epoch(cfg: Config, epoch: int, encoder: Encoder, decoders, optimi
     set_lr(optimizer, cosine_lr(cfg.lr, epoch, cfg.meta_epochs, cfg.lr_decay_rate))
     lr = optimizer.param_groups[0]['lr']
     last_loss = float('nan')
-    step = _compiled(encoder)['step'] if cfg.compile else fiber_batch_losses
+    step = training_step(cfg, encoder)
     for sub in range(cfg.sub_epochs):
         start = time.perf_counter()
         loss_sum, fiber_count, images = 0.0, 0, 0
@@ -203,25 +209,46 @@ class EvalOutput:
         return np.unpackbits(self.masks[start:stop], axis=-1, count=size).astype(bool)
 
 
-_COMPILED: dict = {}  # with --compile: the current encoder, its compiled form and the compiled grid scoring
+_COMPILED: dict = {}  # with --compile: the current encoder and mode, the encoder's compiled form, grid scoring, step
 
 
-def _compiled(encoder: Encoder) -> dict:
+def _compiled(encoder: Encoder, cuda_graphs: bool = False) -> dict:
     """The compiled passes for ``encoder``: its compiled form (frozen weights folded in), a compiled
     :func:`grid_log_prob` and a compiled :func:`fiber_batch_losses` (forward and backward; decoder weights
-    stay inputs, so each step sees the current weights).
+    stay inputs, so each step sees the current weights). With ``cuda_graphs`` (``--cuda-graphs``) the training
+    step is compiled with mode ``'reduce-overhead'``: on CUDA each decoder's step is recorded once as a CUDA
+    graph and replayed (see :func:`graphed_step`); elsewhere that mode compiles as the default one.
 
-    Built once per encoder; a new encoder (the next class of ``--class-name all``) drops the previous
+    Built once per encoder and mode; a new encoder (the next class of ``--class-name all``) drops the previous
     graphs first, so they neither pile up nor reach torch's recompilation limit.
     """
-    if _COMPILED.get('encoder') is not encoder:
+    if _COMPILED.get('encoder') is not encoder or _COMPILED.get('cuda_graphs') != cuda_graphs:
         _COMPILED.clear()
         torch._dynamo.reset()
-        _COMPILED.update(encoder=encoder,
+        mode = 'reduce-overhead' if cuda_graphs else None
+        _COMPILED.update(encoder=encoder, cuda_graphs=cuda_graphs,
                          encode=torch.compile(encoder, dynamic=False, options={'freezing': True}),
                          grid=torch.compile(grid_log_prob, dynamic=False),
-                         step=torch.compile(fiber_batch_losses, dynamic=False))
+                         step=torch.compile(fiber_batch_losses, dynamic=False, mode=mode))
     return _COMPILED
+
+
+def graphed_step(compiled_step):
+    """``compiled_step`` (compiled with mode ``'reduce-overhead'``) with a new CUDA-graph step marked before
+    each call: the previous step's outputs (its losses, its gradients, already used by then) may then be
+    overwritten by the replay instead of being kept alive by a new recording."""
+    def step(decoder, fibers: Tensor, conds: Tensor | None) -> Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled_step(decoder, fibers, conds)
+    return step
+
+
+def training_step(cfg: Config, encoder: Encoder):
+    """The training step that ``cfg`` asks for: eager, compiled, or compiled and replayed as CUDA graphs."""
+    if not cfg.compile:
+        return fiber_batch_losses
+    step = _compiled(encoder, cfg.cuda_graphs)['step']
+    return graphed_step(step) if cfg.cuda_graphs else step
 
 
 def pool_features(features: list[Tensor], k: int | Sequence[int]) -> list[Tensor]:
@@ -233,27 +260,28 @@ def pool_features(features: list[Tensor], k: int | Sequence[int]) -> list[Tensor
 
 
 def _encode_chunk(cfg: Config, encoder: Encoder, chunk: Tensor, device: torch.device) -> list[Tensor]:
-    """Features of at most ``TEST_ENCODER_CHUNK`` images (pooled by ``--feature-pool``). With ``--compile``
+    """Features of at most :func:`encoder_chunk` images (pooled by ``--feature-pool``). With ``--compile``
     they come from the compiled encoder, and a short chunk is padded with zero images so that it always sees
-    the same shape: the features then hold ``TEST_ENCODER_CHUNK`` images, the padding last."""
+    the same shape: the features then hold :func:`encoder_chunk` images, the padding last."""
     encode = encoder
     if cfg.compile:
-        encode = _compiled(encoder)['encode']
-        if chunk.shape[0] < TEST_ENCODER_CHUNK:
-            chunk = torch.cat([chunk, chunk.new_zeros((TEST_ENCODER_CHUNK - chunk.shape[0], *chunk.shape[1:]))])
+        encode = _compiled(encoder, cfg.cuda_graphs)['encode']
+        size = encoder_chunk(device)
+        if chunk.shape[0] < size:
+            chunk = torch.cat([chunk, chunk.new_zeros((size - chunk.shape[0], *chunk.shape[1:]))])
     with autocast(device, cfg.precision):
         return pool_features(encode(chunk.to(device, non_blocking=True)), cfg.feature_pool)
 
 
 def encode_batch(cfg: Config, encoder: Encoder, image: Tensor, device: torch.device) -> list[Tensor]:
     """Features of a training batch (pooled by ``--feature-pool``): one encoder call, or with ``--compile``
-    chunks of ``TEST_ENCODER_CHUNK`` images through the compiled encoder (BatchNorm is frozen, so every
+    chunks of :func:`encoder_chunk` images through the compiled encoder (BatchNorm is frozen, so every
     image's features are its own either way)."""
     if not cfg.compile:
         with autocast(device, cfg.precision):
             return pool_features(encoder(image.to(device, non_blocking=True)), cfg.feature_pool)
     parts = [[f[:chunk.shape[0]] for f in _encode_chunk(cfg, encoder, chunk, device)]
-             for chunk in image.split(TEST_ENCODER_CHUNK)]
+             for chunk in image.split(encoder_chunk(device))]
     return [torch.cat(scale) for scale in zip(*parts)]
 
 
@@ -275,14 +303,14 @@ def _feature_log_probs(cfg: Config, decoder, feat: Tensor, table: list[Tensor] |
 
 def _chunk_log_probs(cfg: Config, encoder: Encoder, decoders, chunk: Tensor, tables: list,
                      positions: PositionCache, device: torch.device) -> list[Tensor]:
-    """Per-scale (b, H_l, W_l) log-likelihoods of one chunk of at most ``TEST_ENCODER_CHUNK`` images.
+    """Per-scale (b, H_l, W_l) log-likelihoods of one chunk of at most :func:`encoder_chunk` images.
 
     ``tables`` caches each decoder's :func:`condition_tables` (filled on first use). With ``--compile`` a
     short chunk is padded with zero images, so the compiled code always sees the same shapes.
     """
     b = chunk.shape[0]
     features = _encode_chunk(cfg, encoder, chunk, device)
-    score = _compiled(encoder)['grid'] if cfg.compile else grid_log_prob
+    score = _compiled(encoder, cfg.cuda_graphs)['grid'] if cfg.compile else grid_log_prob
     out = []
     for layer, (decoder, feat) in enumerate(zip(decoders, features)):
         if tables[layer] is None:
@@ -319,28 +347,30 @@ def compile_model(cfg: Config, encoder: Encoder, decoders, positions: PositionCa
                   training: bool) -> float | None:
     """With ``--compile``: compile the evaluation forward pass now, on one chunk of zero images, and with
     ``training`` each decoder's training step (forward and backward on one fiber batch of zeros, gradients
-    dropped afterwards: no weight, optimizer state or random state changes), so that neither evaluation nor
-    training pays for it. Returns the seconds this took (None without ``--compile``)."""
+    dropped afterwards: no weight, optimizer state or random state changes; with ``--cuda-graphs`` twice, so
+    that each step's CUDA graph is recorded here), so that neither evaluation nor training pays for it.
+    Returns the seconds this took (None without ``--compile``)."""
     if not cfg.compile:
         return None
     start = time.perf_counter()
     rng = rng_state(None)
     for d in decoders:
         d.eval()
-    chunk = torch.zeros(TEST_ENCODER_CHUNK, 3, cfg.input_size, cfg.input_size)
+    chunk = torch.zeros(encoder_chunk(device), 3, cfg.input_size, cfg.input_size)
     with torch.no_grad():
         _chunk_log_probs(cfg, encoder, decoders, chunk, [None] * len(decoders), positions, device)
     if training:
-        step = _compiled(encoder)['step']
+        step = training_step(cfg, encoder)
         conds = torch.zeros(cfg.fiber_batch, cfg.condition_dim, device=device)  # as in training, always given
         for decoder in decoders:
             decoder.train()
             fibers = torch.zeros(cfg.fiber_batch, decoder.shapes[0][0], device=device)
-            with autocast(device, cfg.precision):
-                loss = step(decoder, fibers, conds)
-            loss.mean().backward()
-            for p in decoder.parameters():
-                p.grad = None
+            for _ in range(2 if cfg.cuda_graphs else 1):  # CUDA graphs: a warm-up call, then the recording
+                with autocast(device, cfg.precision):
+                    loss = step(decoder, fibers, conds)
+                loss.mean().backward()
+                for p in decoder.parameters():
+                    p.grad = None
     restore_rng_state(rng, None)
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -374,7 +404,7 @@ def infer_log_probs(cfg: Config, encoder: Encoder, decoders, loader: DataLoader,
             valid[offset:offset + n] = mask_valid.numpy()
             if masks is not None:
                 masks[offset:offset + n] = np.packbits(mask[:, 0].numpy() > 0.5, axis=-1)
-            for chunk in image.split(TEST_ENCODER_CHUNK):  # bounds the encoder's activation memory
+            for chunk in image.split(encoder_chunk(device)):  # bounds the encoder's activation memory
                 b = chunk.shape[0]
                 outs = _augmented_log_probs(cfg, encoder, decoders, chunk, tables, positions, device)
                 if log_probs is None:

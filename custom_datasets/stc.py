@@ -15,7 +15,6 @@ import os
 import shutil
 from pathlib import Path
 
-import av
 import numpy as np
 from tqdm import tqdm
 
@@ -74,6 +73,8 @@ def decode_video(video: Path, out_dir: Path, progress: bool = True) -> int:
     Raises:
         UserError: the video cannot be decoded or has no frames.
     """
+    import av  # PyAV (FFmpeg) is loaded only where a training video is decoded
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.parent.glob(f'.tmp-{out_dir.name}-*'):  # left by an interrupted decode
         shutil.rmtree(stale, ignore_errors=True)

@@ -83,3 +83,24 @@ def test_eval_memory_bench_runs_and_cutting_the_score_axis_keeps_the_metrics():
     assert rows[0]['passes'] == 2 and rows[1]['passes'] > 4
     for key in ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow'):
         assert rows[0][key] is not None and rows[0][key] == pytest.approx(rows[1][key], abs=1e-9)
+
+
+def test_gpu_bench_runs_on_the_cpu_and_both_implementations_agree(tmp_path):
+    """bench/gpu.py on a tiny setting on the CPU: the paper-style fps and training rows of ours and the
+    original-style loops, with ours' grid scores equal to 256-fiber module calls and the same first loss."""
+    import json
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / 'bench' / 'gpu.py'
+    out = tmp_path / 'gpu.json'
+    proc = subprocess.run([sys.executable, str(script), '--device', 'cpu', '--encoder', 'resnet18',
+                           '--input-size', '128', '--train-images', '32', '--test-images', '8',
+                           '--plan', 'ours:fp32', 'original:fp32', '--out', str(out)],
+                          stdout=subprocess.PIPE, text=True)
+    assert proc.returncode == 0, proc.stdout
+    assert '| ours | fp32 |' in proc.stdout and '| original | fp32 |' in proc.stdout
+    ours, original = json.loads(out.read_text())['rows']
+    for row in (ours, original):
+        assert row['encoder_fps'] > 0 and row['all_fps'] > 0 and row['train_images_per_s'] > 0
+        assert row['test_images'] == 8 and row['train_images'] == 32
+    assert ours['max_rel_diff_log_p'] < 1e-4
+    assert ours['train_loss_first'] == pytest.approx(original['train_loss_first'], rel=1e-4)

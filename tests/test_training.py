@@ -96,6 +96,33 @@ def test_compiled_forward_is_built_once_per_encoder_and_drops_the_previous():
     train._COMPILED.clear()
 
 
+def test_cuda_graphs_option_and_the_training_step_it_selects(monkeypatch):
+    """--cuda-graphs needs --compile; the training step is eager, compiled, or compiled in mode
+    'reduce-overhead' with a new CUDA-graph step marked before every call; a change of mode recompiles."""
+    from config import parse_config
+    with pytest.raises(SystemExit):
+        parse_config(['--cuda-graphs'])
+    enc = torch.nn.Conv2d(3, 4, 1)
+    assert train.training_step(parse_config([]), enc) is train.fiber_batch_losses
+    plain = train.training_step(parse_config(['--compile']), enc)
+    assert plain is train._compiled(enc)['step']
+    assert train._compiled(enc, True)['step'] is not plain  # the other mode: compiled anew
+    calls = []
+    monkeypatch.setattr(train, '_compiled', lambda e, graphs=False: {'step': lambda *a: calls.append(('step', a))
+                                                                     or 'losses'})
+    monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: calls.append('mark'))
+    step = train.training_step(parse_config(['--compile', '--cuda-graphs']), enc)
+    assert step('d', 'f', 'c') == 'losses' and step('d', 'g', 'c') == 'losses'
+    assert calls == ['mark', ('step', ('d', 'f', 'c')), 'mark', ('step', ('d', 'g', 'c'))]
+    train._COMPILED.clear()
+
+
+def test_encoder_chunk_per_device():
+    """Test-time encoder calls take 8 images on the CPU (memory) and 32 on a CUDA device (throughput)."""
+    assert train.encoder_chunk(torch.device('cpu')) == train.TEST_ENCODER_CHUNK == 8
+    assert train.encoder_chunk(torch.device('cuda')) == train.CUDA_ENCODER_CHUNK == 32
+
+
 class _TwoScaleEncoder(torch.nn.Module):
     """A tiny random encoder with two scales (strides 2 and 4), channels CHANNELS."""
 
