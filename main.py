@@ -279,7 +279,11 @@ def run_one(cfg: Config) -> dict:
         optimizer.prepare()
     if compile_s is not None:
         what = 'evaluation forward pass' if testing else 'training step and evaluation forward pass'
-        print(f'Compiled the {what} in {compile_s:.1f} s', flush=True)
+        graphs = ''
+        if cfg.cuda_graphs and not testing:
+            graphs = (' (training steps recorded as CUDA graphs)' if device.type == 'cuda'
+                      else ' (--cuda-graphs has no effect on the CPU)')
+        print(f'Compiled the {what} in {compile_s:.1f} s{graphs}', flush=True)
     train_eval_set = None
     reference_key = REFERENCE_KEYS.get(cfg.score_norm)
     reference = None

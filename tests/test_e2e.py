@@ -124,14 +124,17 @@ def test_compiled_evaluation_matches_eager(trained, tmp_path):
     assert tested['timing']['compile_s'] > 0 and train_res['timing']['compile_s'] is None
 
 
-def test_compiled_training_follows_eager_training(trained, tmp_path):
-    """--compile in training: the compiled training step and encoder follow the eager run's loss curve and
-    reach its figures; compiling happens before training and is reported apart."""
+@pytest.mark.parametrize('graphs', [[], ['--cuda-graphs']], ids=['compile', 'cuda-graphs'])
+def test_compiled_training_follows_eager_training(trained, tmp_path, graphs):
+    """--compile in training (with --cuda-graphs: compiled in mode 'reduce-overhead', which on the CPU
+    records no graphs, and says so): the compiled training step and encoder follow the eager run's loss
+    curve and reach its figures; compiling happens before training and is reported apart."""
     work, out, _ = trained
     proc = run_main(*COMMON, '--data-path', str(work / 'data'), '--output-dir', str(tmp_path), '--meta-epochs', '2',
-                    '--sub-epochs', '1', '--compile', cwd=work)
+                    '--sub-epochs', '1', '--compile', *graphs, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'Compiled the training step and evaluation forward pass' in proc.stdout
+    assert ('--cuda-graphs has no effect on the CPU' in proc.stdout) == bool(graphs)
     eager, compiled = _result(out), _result(tmp_path)
     for a, b in zip(eager['history'], compiled['history'], strict=True):
         assert b['train_loss'] == pytest.approx(a['train_loss'], rel=1e-4)
