@@ -83,7 +83,7 @@ LEGEND = ('\nRatios compare ours with the original-style fp32 row of the same en
           'added: that peak minus the resident memory when the evaluation started (libraries, models, data). '
           'Ours\' eval includes the per-defect-type metrics '
           '(both AUPRO variants again per type); the original-style aupro_cflow column is its DFR loop. '
-          '|Δ| columns: |ours - original-style| on the same seeded weights, in percentage points.')
+          'Δ columns: |ours - original-style| on the same seeded weights, in percentage points.')
 
 
 class SyntheticSet(Dataset):
@@ -417,8 +417,8 @@ def markdown_table(rows: list[dict]) -> str:
     """The summary as a Markdown table (times in seconds, metric differences in percentage points)."""
     head = ['encoder', 'prec', 'impl', 'train img/s', 'test img/s', 'eval s', 'aupro s', 'aupro_cflow s',
             'scoring s', 'compile s', 'peak RSS MiB', 'eval peak MiB (added)', 'train ×', 'test ×', 'eval ×',
-            'eval peak × (added ×)', 'max |Δ| AUROC pp',
-            '|Δ| AUPRO-cflow pp']
+            'eval peak × (added ×)', 'max abs. Δ AUROC pp',
+            'abs. Δ AUPRO-cflow pp']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         if not r['runs']:
