@@ -48,26 +48,25 @@ Selection behind ``RECIPE`` (seed 0, 608 fit / 153 validation images, 3 scales, 
     pool 3, bf16       | 448   | position        | 88.56     | 69.73     | 100.0, 90.0, 98.2, 100.0, 53.8
     pool 3, bf16       | 448   | position, hflip | 88.94     | 69.36     | 100.0, 90.1, 98.3, 100.0, 55.7
 
-("tr. flips" = ``--train-flips flips``; "bf16" = ``--precision bf16``.) The recipe is the pool-3 row at input 384 scored with the per-position norm
-and no flip: the best sum, 158.386, against 158.378 for the same at input 320. The two are equal within any noise;
-the rule picks the larger input, which finds the faint synthetic cracks better (92.0 against 89.3) and costs about
-1.4x the training time. Mirroring the training images at random (candidate 6) and keeping the finest scale unpooled
-(``--feature-pool 1 3 3``, candidate 7) both scored lower (156.98 and 157.07 at best), and so did input 448 trained
-in bf16 (candidate 8, ``precision`` in its entry; 158.29, 158.30 with the flip): higher validation pixel AUROC,
-lower image AUROC. Before candidate 5 the recipe
-was the same at input 320; before the pooled candidate, the lite2 / 320 / position / hflip row (156.52) was the
-recipe. Without test-time flips input 320 (155.98) and input 256 (155.72) were within noise of each other: input 320
-finds the faint cracks and localises better, input 256 ranks the brightness bumps better. The left-right flip was
-then tried on the input-320 candidate only (the ``--candidates 2`` run, which reproduced its two earlier rows
-exactly); it raises the brightness bumps and the cracks and costs 0.24 validation pixel AUROC. All four flips
-(``--tta flips``: left-right, upside down and both) were scored once on that checkpoint (a norm-test run, not part
-of ``SCORINGS``): no better than the left-right flip alone, at twice its test time. Averaging the features over
-3 x 3 neighbourhoods before the flows (candidate 3) raised validation image AUROC by 1.9-2.3 points at the same pixel
-AUROC, mostly on chipped corners and brightness bumps; 5 x 5 neighbourhoods (candidate 4) did not do better (157.63,
-157.13). The synthetic cracks are faint (darkened to 70-85 %, 1-3 px wide): with an earlier version (50-70 %,
-1-2 px) validation cracks reached 89-97 image AUROC while real ones reached 67-74. That change was made knowing the
-earlier recipe's test figures, so this validation set is not blind to them in that respect. Smooth brightness
-changes stay hard for every candidate.
+("tr. flips" = ``--train-flips flips``; "bf16" = ``--precision bf16``.) The recipe is the pool-3 row at input 384
+scored with the per-position norm and no flip: the best sum, 158.386, against 158.378 for the same at input 320. The
+two are equal within any noise; the rule picks the larger input, which finds the faint synthetic cracks better (92.0
+against 89.3) and costs about 1.4x the training time. Mirroring the training images at random (candidate 6) and
+keeping the finest scale unpooled (``--feature-pool 1 3 3``, candidate 7) both scored lower (156.98 and 157.07 at
+best), and so did input 448 trained in bf16 (candidate 8, ``precision`` in its entry; 158.29, 158.30 with the flip):
+higher validation pixel AUROC, lower image AUROC. Before candidate 5 the recipe was the same at input 320; before
+the pooled candidate, the lite2 / 320 / position / hflip row (156.52) was the recipe. Without test-time flips input
+320 (155.98) and input 256 (155.72) were within noise of each other: input 320 finds the faint cracks and localises
+better, input 256 ranks the brightness bumps better. The left-right flip was then tried on the input-320 candidate
+only (the ``--candidates 2`` run, which reproduced its two earlier rows exactly); it raises the brightness bumps and
+the cracks and costs 0.24 validation pixel AUROC. All four flips (``--tta flips``: left-right, upside down and both)
+were scored once on that checkpoint (a norm-test run, not part of ``SCORINGS``): no better than the left-right flip
+alone, at twice its test time. Averaging the features over 3 x 3 neighbourhoods before the flows (candidate 3)
+raised validation image AUROC by 1.9-2.3 points at the same pixel AUROC, mostly on chipped corners and brightness
+bumps; 5 x 5 neighbourhoods (candidate 4) did not do better (157.63, 157.13). The synthetic cracks are faint
+(darkened to 70-85 %, 1-3 px wide): with an earlier version (50-70 %, 1-2 px) validation cracks reached 89-97 image
+AUROC while real ones reached 67-74. That change was made knowing the earlier recipe's test figures, so this
+validation set is not blind to them in that respect. Smooth brightness changes stay hard for every candidate.
 """
 from __future__ import annotations
 
