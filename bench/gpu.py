@@ -52,7 +52,6 @@ import speed  # noqa: E402
 import train  # noqa: E402
 from custom_models.encoders import ENCODER_NAMES  # noqa: E402
 from utils.io import write_json  # noqa: E402
-from utils.schedule import learning_rate  # noqa: E402
 
 IMPLEMENTATIONS = ('original', 'ours', 'ours-compiled', 'ours-graphs')
 DEFAULT_PLAN = ('ours:fp32', 'ours:bf16', 'original:fp32', 'ours-graphs:fp32', 'ours-graphs:bf16',
@@ -64,14 +63,9 @@ def _original_flows(s: speed.Setup, features: list[torch.Tensor]) -> list[torch.
     kept on the device: no list conversion, no post-processing)."""
     out = []
     for decoder, feat in zip(s.decoders, features):
-        feat = feat.float()
         b, _, h, w = feat.shape
-        conds = original_style._pos_conds(s.cfg.condition_dim, b, h, w, s.device)
-        fibers = original_style._fibers(feat)
-        parts = [original_style._log_prob_per_dim(decoder, fibers[i:i + original_style.FIBER_BATCH],
-                                                  conds[i:i + original_style.FIBER_BATCH])
-                 for i in range(0, fibers.shape[0], original_style.FIBER_BATCH)]
-        out.append(torch.cat(parts).view(b, h, w))
+        parts = original_style.chunk_log_probs(decoder, feat.float(), s.cfg.condition_dim, s.device)
+        out.append(torch.cat(list(parts)).view(b, h, w))
     return out
 
 
@@ -148,18 +142,8 @@ def train_passes(impl: str, s: speed.Setup, positions) -> dict:
     second."""
     if impl == 'original':
         optimizer = original_style.make_optimizer(s.decoders, s.cfg.lr)
-        batches = len(s.train_loader)
-
-        def rates(epoch: int):  # the learning rates of ours' meta-epoch ``epoch`` (one sub-epoch)
-            return lambda i: learning_rate(s.cfg.lr, epoch, i, batches, s.cfg.meta_epochs, s.cfg.lr_warm_epochs,
-                                           s.cfg.lr_decay_rate)
-
-        first, _, _ = original_style.train_pass(s.features, s.decoders, optimizer, s.train_loader,
-                                                s.cfg.condition_dim, s.device, rates(0),
-                                                set_to_none=s.cfg.adam_mode == 'torch2')
-        second, images, seconds = original_style.train_pass(s.features, s.decoders, optimizer, s.train_loader,
-                                                             s.cfg.condition_dim, s.device, rates(1),
-                                                             set_to_none=s.cfg.adam_mode == 'torch2')
+        first, _, _ = speed.original_train_pass(s, optimizer, epoch=0)
+        second, images, seconds = speed.original_train_pass(s, optimizer, epoch=1)
     else:
         optimizer = train.make_optimizer(s.decoders, s.cfg.lr, s.cfg.adam_mode)
         state = train.TrainState()
@@ -200,11 +184,8 @@ def measure(impl: str, precision: str, args: argparse.Namespace) -> dict:
             'peak_cuda_mb': torch.cuda.max_memory_allocated(s.device) / 2 ** 20 if cuda else None}
 
 
-def _fmt(v, digits: int = 2) -> str:
-    return '–' if v is None else f'{v:.{digits}f}'
-
-
 def markdown_table(rows: list[dict]) -> str:
+    fmt = speed._fmt
     head = ['impl', 'precision', 'encoder fps', 'encoder + flows fps', 'train img/s', 'compile s',
             'max rel. Δ log p (normal / all)', 'train loss', 'abs. Δ loss vs eager', 'peak CUDA MiB',
             '× original (fps / train)']
@@ -225,11 +206,11 @@ def markdown_table(rows: list[dict]) -> str:
             ratio = f'{fps:.2f}× / {images:.2f}×'
         agreement = '–'
         if r['impl'] != 'original':
-            agreement = f"{_fmt(r['max_rel_diff_log_p_normal'], 7)} / {_fmt(r['max_rel_diff_log_p'], 5)}"
+            agreement = f"{fmt(r['max_rel_diff_log_p_normal'], 7)} / {fmt(r['max_rel_diff_log_p'], 5)}"
         lines.append('| ' + ' | '.join([
-            r['impl'], r['precision'], _fmt(r['encoder_fps'], 1), _fmt(r['all_fps'], 1),
-            _fmt(r['train_images_per_s']), _fmt(r['compile_s'], 1), agreement,
-            _fmt(r['train_loss_first'], 5), _fmt(dloss, 5), _fmt(r['peak_cuda_mb'], 0), ratio]) + ' |')
+            r['impl'], r['precision'], fmt(r['encoder_fps'], 1), fmt(r['all_fps'], 1),
+            fmt(r['train_images_per_s']), fmt(r['compile_s'], 1), agreement,
+            fmt(r['train_loss_first'], 5), fmt(dloss, 5), fmt(r['peak_cuda_mb'], 0), ratio]) + ' |')
     return '\n'.join(lines)
 
 

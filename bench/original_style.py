@@ -11,7 +11,7 @@ DFR-style AUPRO loop (1000 thresholds, connected components re-labelled at every
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,6 +126,19 @@ class TestOutput:
     seconds: float
 
 
+def chunk_log_probs(decoder, feature: Tensor, condition_dim: int, device: torch.device) -> Iterator[Tensor]:
+    """The original's test loop over one scale's features (B, C, H, W): the positional encoding built on the
+    CPU, the fibers in (b, h, w) order, ``log p / C`` of 256 fibers per FrEIA module call (the last partial),
+    one chunk at a time."""
+    b, _, h, w = feature.shape
+    c_r = _pos_conds(condition_dim, b, h, w, device)
+    e_r = _fibers(feature)
+    n_fibers = e_r.shape[0]
+    for f in range((n_fibers + FIBER_BATCH - 1) // FIBER_BATCH):
+        sl = slice(f * FIBER_BATCH, min((f + 1) * FIBER_BATCH, n_fibers))
+        yield _log_prob_per_dim(decoder, e_r[sl], c_r[sl])
+
+
 def test_pass(encoder, decoders, loader: DataLoader, condition_dim: int, device: torch.device) -> TestOutput:
     """Per-dimension log-likelihood of every test fiber, in chunks of 256, into Python lists."""
     for d in decoders:
@@ -143,17 +156,10 @@ def test_pass(encoder, decoders, loader: DataLoader, condition_dim: int, device:
             masks.extend(mask.cpu().numpy())
             features = encoder(image.to(device))
             for layer, (decoder, feature) in enumerate(zip(decoders, features)):
-                e = feature.detach()
-                b, _, h, w = e.shape
                 if i == 0:
-                    heights.append(h)
-                    widths.append(w)
-                c_r = _pos_conds(condition_dim, b, h, w, device)
-                e_r = _fibers(e)
-                n_fibers = e_r.shape[0]
-                for f in range((n_fibers + FIBER_BATCH - 1) // FIBER_BATCH):
-                    sl = slice(f * FIBER_BATCH, min((f + 1) * FIBER_BATCH, n_fibers))
-                    log_prob = _log_prob_per_dim(decoder, e_r[sl], c_r[sl])
+                    heights.append(feature.shape[2])
+                    widths.append(feature.shape[3])
+                for log_prob in chunk_log_probs(decoder, feature.detach(), condition_dim, device):
                     loss = -F.logsigmoid(log_prob)
                     loss_sum += float(loss.sum().cpu())
                     loss_count += log_prob.shape[0]

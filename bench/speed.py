@@ -296,16 +296,21 @@ def _run_original(s: Setup, tag: str) -> tuple[dict, dict, float, int, float]:
     timing.update(eval_start_rss_mb=start_rss, eval_peak_rss_mb=train.peak_rss_mb())
     optimizer = original_style.make_optimizer(s.decoders, s.cfg.lr)
     _log(tag, f'evaluation {timing["eval_s"]:.1f} s; training on {len(s.train_loader.dataset)} images')
-    batches = len(s.train_loader) * s.cfg.sub_epochs
+    loss, images, seconds = original_train_pass(s, optimizer)
+    return metrics, timing, loss, images, seconds
+
+
+def original_train_pass(s: Setup, optimizer, epoch: int = 0) -> tuple[float, int, float]:
+    """One original-style training pass over ``s.train_loader`` with the learning rates ours uses in
+    meta-epoch ``epoch`` and the Adam mode of ``s.cfg``; returns (mean fiber loss, images, seconds)."""
     cfg = s.cfg
+    batches = len(s.train_loader) * cfg.sub_epochs
 
     def lr_at(i: int) -> float:
-        return learning_rate(cfg.lr, 0, i, batches, cfg.meta_epochs, cfg.lr_warm_epochs, cfg.lr_decay_rate)
+        return learning_rate(cfg.lr, epoch, i, batches, cfg.meta_epochs, cfg.lr_warm_epochs, cfg.lr_decay_rate)
 
-    loss, images, seconds = original_style.train_pass(s.features, s.decoders, optimizer, s.train_loader,
-                                                      cfg.condition_dim, s.device, lr_at,
-                                                      set_to_none=cfg.adam_mode == 'torch2')
-    return metrics, timing, loss, images, seconds
+    return original_style.train_pass(s.features, s.decoders, optimizer, s.train_loader, cfg.condition_dim,
+                                     s.device, lr_at, set_to_none=cfg.adam_mode == 'torch2')
 
 
 def measure(impl: str, encoder_name: str, precision: str, args: argparse.Namespace) -> dict:
