@@ -67,6 +67,7 @@ class Config:
     compile: bool = False
     cuda_graphs: bool = False
     tta: str = 'none'
+    smooth_sigma: float = 0.0
     feature_pool: int | tuple[int, ...] = 1
     train_flips: str = 'none'
     adam_mode: str = 'paper'
@@ -170,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='test-time augmentation: score each image also mirrored left-right (hflip) or mirrored '
                         'left-right, upside down and both (flips), map the log-likelihoods back and average '
                         'them; costs 2x or 4x the test forward pass, training is unchanged')
+    n.add_argument('--smooth-sigma', default=0.0, type=float, metavar='SIGMA',
+                   help='Gaussian smoothing of each anomaly map (standard deviation in input pixels, mirror '
+                        'padding) before the image score and the pixel metrics, as PatchCore and anomalib do; '
+                        '0 (default) = none, as the paper; test time only')
     n.add_argument('--feature-pool', default=[1], type=int, nargs='+', metavar='K',
                    help='average each encoder feature map over K x K neighbourhoods (stride 1, same size; at '
                         'the borders over the positions inside the map) before the flows, in training and '
@@ -210,6 +215,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     values['feature_pool'] = fold_pool_sizes(pools)
     if values['cuda_graphs'] and not values['compile']:
         parser.error('--cuda-graphs records the compiled training step: add --compile')
+    if not values['smooth_sigma'] >= 0:
+        parser.error(f'--smooth-sigma must be 0 or more, got {values["smooth_sigma"]}')
     if values['workers'] < 0:
         parser.error('--workers must be 0 or more')
     if values['lr'] <= 0:

@@ -24,7 +24,7 @@ from utils import metrics
 from utils.optim import DecoderAdam
 from utils.schedule import cosine_lr, learning_rate
 from utils.scoring import (MapChunks, anomaly_map_chunks, image_scores, layer_maxima, position_map_chunks,
-                           position_stats)
+                           position_stats, smoothed_map_chunks)
 
 METRIC_NAMES = ('image_auroc', 'pixel_auroc', 'aupro', 'aupro_cflow')
 
@@ -507,7 +507,8 @@ def evaluate(cfg: Config, encoder: Encoder, decoders, test_loader: DataLoader, p
     start = time.perf_counter()
     out = infer_log_probs(cfg, encoder, decoders, test_loader, positions, device, True, 'test')
     t = time.perf_counter()
-    maps = score_map_chunks(cfg.score_norm, out.log_probs, cfg.input_size, reference)
+    maps = smoothed_map_chunks(score_map_chunks(cfg.score_norm, out.log_probs, cfg.input_size, reference),
+                               cfg.smooth_sigma)
     scored = measure(maps, out, cfg.input_size, test_loader.dataset.defect_types, cfg.pro, cfg.aupro_fpr_limit,
                      cfg.aupro_cflow_thresholds)
     end = time.perf_counter()

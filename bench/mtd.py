@@ -54,8 +54,12 @@ two are equal within any noise; the rule picks the larger input, which finds the
 against 89.3) and costs about 1.4x the training time. Mirroring the training images at random (candidate 6) and
 keeping the finest scale unpooled (``--feature-pool 1 3 3``, candidate 7) both scored lower (156.98 and 157.07 at
 best), and so did input 448 trained in bf16 (candidate 8, ``precision`` in its entry; 158.29, 158.30 with the flip):
-higher validation pixel AUROC, lower image AUROC. Before candidate 5 the recipe was the same at input 320; before
-the pooled candidate, the lite2 / 320 / position / hflip row (156.52) was the recipe. Without test-time flips input
+higher validation pixel AUROC, lower image AUROC. On candidate 5's checkpoint, norm-test runs outside ``SCORINGS``
+scored Gaussian-smoothed maps (``--smooth-sigma`` 4 and 8, per-position norm): 158.31 and 158.25, below the recipe;
+and the same candidate trained on a copy of the data whose images were mirror-padded to squares (aspect ratio
+kept) reached 86.56 validation image AUROC against 89.62; neither was adopted. Before candidate 5 the recipe was
+the same at input 320; before the pooled candidate, the lite2 / 320 / position / hflip row (156.52) was the
+recipe. Without test-time flips input
 320 (155.98) and input 256 (155.72) were within noise of each other: input 320 finds the faint cracks and localises
 better, input 256 ranks the brightness bumps better. The left-right flip was then tried on the input-320 candidate
 only (the ``--candidates 2`` run, which reproduced its two earlier rows exactly); it raises the brightness bumps and

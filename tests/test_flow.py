@@ -10,7 +10,8 @@ from custom_models.flow import (build_decoder, condition_fibers, decoder_forward
                                 flatten_fibers, log_likelihood, positional_encoding_2d)
 from utils.checkpoint import describe_decoder_state
 from utils.schedule import cosine_lr, learning_rate
-from utils.scoring import STD_FLOOR, anomaly_maps, image_scores, position_maps, position_stats
+from utils.scoring import (STD_FLOOR, anomaly_maps, image_scores, position_maps, position_stats, smooth_maps,
+                           smoothed_map_chunks)
 
 
 def test_positional_encoding_layout():
@@ -212,6 +213,53 @@ def test_score_map_chunks_dispatch_and_ranges():
         assert torch.equal(torch.cat([maps(0, 2), maps(2, 3), maps(3, 5)]), whole)
     with pytest.raises(ValueError):
         score_map_chunks('position', lps, 8, None)
+
+
+def _mirror_smooth_brute_force(m: np.ndarray, sigma: float, radius_h: int, radius_w: int) -> np.ndarray:
+    """Gaussian smoothing by explicit sums: weights exp(-d^2 / 2 sigma^2) over |d| <= radius, normalised, with
+    mirrored indices (-1 -> 1, H -> H - 2), rows then columns."""
+    def along(a: np.ndarray, radius: int, axis: int) -> np.ndarray:
+        n = a.shape[axis]
+        w = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+        w /= w.sum()
+        out = np.zeros_like(a)
+        for i in range(n):
+            for d, wd in zip(range(-radius, radius + 1), w):
+                j = i + d
+                j = -j if j < 0 else 2 * (n - 1) - j if j >= n else j
+                if axis == 0:
+                    out[i] += wd * a[j]
+                else:
+                    out[:, i] += wd * a[:, j]
+        return out
+    return along(along(m.astype(np.float64), radius_w, 1), radius_h, 0)
+
+
+@pytest.mark.parametrize('sigma', [0.5, 1.0, 2.5, 6.0])
+def test_smooth_maps_brute_force(sigma):
+    torch.manual_seed(0)
+    maps = torch.rand(3, 11, 14)
+    got = smooth_maps(maps, sigma)
+    assert got.dtype == maps.dtype and got.shape == maps.shape
+    for m, g in zip(maps, got):
+        # the radius is round(4 sigma), at most one less than the side (sigma 6: 10 rows, 13 columns)
+        rh, rw = (min(int(4 * sigma + 0.5), n - 1) for n in m.shape)
+        assert np.allclose(g.numpy(), _mirror_smooth_brute_force(m.numpy(), sigma, rh, rw), atol=1e-6)
+    # a constant map stays constant; sigma 0 is the identity; the maximum does not grow
+    assert torch.allclose(smooth_maps(torch.full((1, 9, 9), 3.0), 2.0), torch.full((1, 9, 9), 3.0))
+    assert torch.equal(smooth_maps(maps, 0.0), maps)
+    assert float(got.max()) <= float(maps.max()) + 1e-6
+
+
+def test_smoothed_map_chunks_equal_whole_set():
+    torch.manual_seed(1)
+    lps = [torch.randn(5, 4, 4), torch.randn(5, 2, 2)]
+    whole = anomaly_maps(lps, 16)
+    chunks = smoothed_map_chunks(lambda a, b: anomaly_maps(lps, 16)[a:b], 2.0)
+    assert torch.allclose(torch.cat([chunks(0, 2), chunks(2, 5)]), smooth_maps(whole, 2.0))
+    assert not torch.allclose(chunks(0, 5), whole)
+    plain = lambda a, b: whole[a:b]  # noqa: E731
+    assert smoothed_map_chunks(plain, 0.0) is plain
 
 
 def test_grid_inference_equals_fiber_by_fiber():

@@ -102,6 +102,9 @@ def test_cuda_graphs_option_and_the_training_step_it_selects(monkeypatch):
     from config import parse_config
     with pytest.raises(SystemExit):
         parse_config(['--cuda-graphs'])
+    with pytest.raises(SystemExit):
+        parse_config(['--smooth-sigma', '-1'])
+    assert parse_config(['--smooth-sigma', '2.5']).smooth_sigma == 2.5
     enc = torch.nn.Conv2d(3, 4, 1)
     assert train.training_step(parse_config([]), enc) is train.fiber_batch_losses
     plain = train.training_step(parse_config(['--compile']), enc)

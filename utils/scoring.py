@@ -140,6 +140,53 @@ def position_maps(log_probs: list[Tensor], stats: list[tuple[Tensor, Tensor]], o
     return position_map_chunks(log_probs, stats, out_size, chunk)(0, log_probs[0].shape[0])
 
 
+def gaussian_kernel(sigma: float, radius: int) -> Tensor:
+    """Normalised 1-D Gaussian weights at offsets -radius..radius, float64."""
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+def smooth_maps(maps: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
+    """Gaussian smoothing of each map, separable, with mirror padding at the borders.
+
+    The kernel reaches ``round(truncate * sigma)`` pixels each way (scipy's ``gaussian_filter`` rule), at most
+    one less than the map's side; with that radius the result equals
+    ``scipy.ndimage.gaussian_filter(m, sigma, mode='mirror', truncate=truncate)`` per map. ``sigma <= 0``
+    returns the maps unchanged.
+
+    Args:
+        maps: (N, H, W) float maps.
+        sigma: standard deviation in pixels.
+
+    Returns:
+        (N, H, W) maps, in the input's dtype.
+    """
+    if sigma <= 0:
+        return maps
+    n, h, w = maps.shape
+    out = maps.double().unsqueeze(1)
+    for dim, size in ((3, w), (2, h)):
+        radius = min(int(truncate * sigma + 0.5), size - 1)
+        if radius < 1:
+            continue
+        k = gaussian_kernel(sigma, radius)
+        kernel = k.view(1, 1, 1, -1) if dim == 3 else k.view(1, 1, -1, 1)
+        pad = (radius, radius, 0, 0) if dim == 3 else (0, 0, radius, radius)
+        out = F.conv2d(F.pad(out, pad, mode='reflect'), kernel)
+    return out[:, 0].to(maps.dtype)
+
+
+def smoothed_map_chunks(maps: MapChunks, sigma: float) -> MapChunks:
+    """``maps`` with each chunk smoothed by :func:`smooth_maps` (the identity for ``sigma <= 0``)."""
+    if sigma <= 0:
+        return maps
+
+    def smoothed(start: int, stop: int) -> Tensor:
+        return smooth_maps(maps(start, stop), sigma)
+    return smoothed
+
+
 def image_scores(maps: Tensor) -> Tensor:
     """Image anomaly score = maximum of its anomaly map; maps (N, H, W) -> (N,)."""
     return maps.flatten(1).max(dim=1).values
