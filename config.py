@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,6 +69,7 @@ class Config:
     cuda_graphs: bool = False
     tta: str = 'none'
     smooth_sigma: float = 0.0
+    scale_weights: tuple[float, ...] | None = None
     feature_pool: int | tuple[int, ...] = 1
     train_flips: str = 'none'
     adam_mode: str = 'paper'
@@ -175,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='Gaussian smoothing of each anomaly map (standard deviation in input pixels, mirror '
                         'padding) before the image score and the pixel metrics, as PatchCore and anomalib do; '
                         '0 (default) = none, as the paper; test time only')
+    n.add_argument('--scale-weights', default=None, type=float, nargs='+', metavar='W',
+                   help='weight of each scale in the sum that makes the anomaly map, one per scale, finest first '
+                        '(e.g. 1 1 0 leaves the coarsest scale out of the maps); non-negative, not all zero; '
+                        'default: all 1, as the paper; test time only')
     n.add_argument('--feature-pool', default=[1], type=int, nargs='+', metavar='K',
                    help='average each encoder feature map over K x K neighbourhoods (stride 1, same size; at '
                         'the borders over the positions inside the map) before the flows, in training and '
@@ -215,8 +221,17 @@ def parse_config(argv: list[str] | None = None) -> Config:
     values['feature_pool'] = fold_pool_sizes(pools)
     if values['cuda_graphs'] and not values['compile']:
         parser.error('--cuda-graphs records the compiled training step: add --compile')
-    if not values['smooth_sigma'] >= 0:
-        parser.error(f'--smooth-sigma must be 0 or more, got {values["smooth_sigma"]}')
+    if not 0 <= values['smooth_sigma'] < math.inf:
+        parser.error(f'--smooth-sigma must be finite and 0 or more, got {values["smooth_sigma"]}')
+    weights = values['scale_weights']
+    if weights is not None:
+        if len(weights) != values['pool_layers']:
+            parser.error(f'--scale-weights takes one weight per scale ({values["pool_layers"]} with -pl '
+                         f'{values["pool_layers"]}), got {len(weights)}')
+        if any(not 0 <= w < math.inf for w in weights) or not any(w > 0 for w in weights):
+            parser.error('--scale-weights must be finite, 0 or more and not all 0, got '
+                         + ' '.join(map(str, weights)))
+        values['scale_weights'] = tuple(float(w) for w in weights)
     if values['workers'] < 0:
         parser.error('--workers must be 0 or more')
     if values['lr'] <= 0:

@@ -94,6 +94,8 @@ def print_header(cfg: Config, encoder: Encoder, train_set, test_set, device: tor
     print(f'Model: {cfg.model_name}', flush=True)
     tta = '' if cfg.tta == 'none' else f', test-time flips {cfg.tta}'
     tta += f', maps smoothed with sigma {cfg.smooth_sigma:g} px' if cfg.smooth_sigma > 0 else ''
+    if cfg.scale_weights is not None:
+        tta += ', scale weights ' + ' / '.join(f'{w:g}' for w in cfg.scale_weights)
     print(f'Device: {device}, precision {cfg.precision}, seed {cfg.seed}{tta}', flush=True)
     ks = pool_sizes(cfg.feature_pool, cfg.pool_layers)
     pool = '' if max(ks) == 1 else ', features averaged over ' + ' / '.join(f'{k}x{k}' for k in ks)

@@ -507,8 +507,8 @@ def evaluate(cfg: Config, encoder: Encoder, decoders, test_loader: DataLoader, p
     start = time.perf_counter()
     out = infer_log_probs(cfg, encoder, decoders, test_loader, positions, device, True, 'test')
     t = time.perf_counter()
-    maps = smoothed_map_chunks(score_map_chunks(cfg.score_norm, out.log_probs, cfg.input_size, reference),
-                               cfg.smooth_sigma)
+    maps = score_map_chunks(cfg.score_norm, out.log_probs, cfg.input_size, reference, cfg.scale_weights)
+    maps = smoothed_map_chunks(maps, cfg.smooth_sigma)
     scored = measure(maps, out, cfg.input_size, test_loader.dataset.defect_types, cfg.pro, cfg.aupro_fpr_limit,
                      cfg.aupro_cflow_thresholds)
     end = time.perf_counter()
@@ -526,15 +526,16 @@ def evaluate(cfg: Config, encoder: Encoder, decoders, test_loader: DataLoader, p
                       masks=out.mask_chunk, pixel_threshold=scored['pixel_threshold'], map_range=scored['map_range'])
 
 
-def score_map_chunks(score_norm: str, log_probs: list[Tensor], out_size: int, reference: list | None) -> MapChunks:
+def score_map_chunks(score_norm: str, log_probs: list[Tensor], out_size: int, reference: list | None,
+                     weights: Sequence[float] | None = None) -> MapChunks:
     """Anomaly maps under ``--score-norm``, a range of images at a time: 'test' and 'train' as
     :func:`utils.scoring.anomaly_maps` (with the test-set or the given training maxima), 'position' as
-    :func:`utils.scoring.position_maps`."""
+    :func:`utils.scoring.position_maps`; ``weights`` (``--scale-weights``) weight the sum over scales."""
     if score_norm == 'position':
         if reference is None:
             raise ValueError("--score-norm position needs the training images' position statistics")
-        return position_map_chunks(log_probs, reference, out_size)
-    return anomaly_map_chunks(log_probs, out_size, None if score_norm == 'test' else reference)
+        return position_map_chunks(log_probs, reference, out_size, weights=weights)
+    return anomaly_map_chunks(log_probs, out_size, None if score_norm == 'test' else reference, weights=weights)
 
 
 def train_reference(cfg: Config, encoder: Encoder, decoders, train_eval_loader: DataLoader,

@@ -54,6 +54,7 @@ def test_recipe_and_scorings_are_valid_command_lines():
             cfg.feature_pool, cfg.score_norm, cfg.tta) == tuple(mtd.RECIPE[k] for k in (
                 'encoder', 'input_size', 'meta_epochs', 'sub_epochs', 'pool_layers', 'coupling_blocks',
                 'feature_pool', 'score_norm', 'tta'))
+    assert cfg.scale_weights == tuple(float(w) for w in mtd.RECIPE['scale_weights'])
     assert cfg.model_name == 'mtd_efficientnet_lite2_freia-cflow_pl3_cb8_fp3_inp384_run0_none'
     for cand in mtd.CANDIDATES:
         for score_norm, tta in mtd.SCORINGS:

@@ -173,13 +173,13 @@ def test_position_score_norm_is_saved_and_reused(trained, tmp_path):
     assert with_tta['config']['tta'] == 'hflip'
     assert with_tta['last']['image_auroc'] >= 90 and with_tta['last']['pixel_auroc'] >= 90, with_tta['last']
     assert with_tta['last']['pixel_auroc'] != tested['last']['pixel_auroc']
-    # smoothed maps: another test-time setting of the same model
+    # smoothed maps without the coarsest scale: other test-time settings of the same model
     smoothed = run_main(*args, '--action-type', 'norm-test', '--checkpoint', str(ckpt_path), '--smooth-sigma', '4',
-                        '--output-dir', str(tmp_path / 'smooth'), cwd=work)
+                        '--scale-weights', '1', '1', '0', '--output-dir', str(tmp_path / 'smooth'), cwd=work)
     assert smoothed.returncode == 0, smoothed.stderr[-3000:]
-    assert 'maps smoothed with sigma 4 px' in smoothed.stdout
+    assert 'maps smoothed with sigma 4 px, scale weights 1 / 1 / 0' in smoothed.stdout
     with_smooth = json.loads((tmp_path / 'smooth' / 'results' / f'{res["model_name"]}_norm-test.json').read_text())
-    assert with_smooth['config']['smooth_sigma'] == 4.0
+    assert with_smooth['config']['smooth_sigma'] == 4.0 and with_smooth['config']['scale_weights'] == [1, 1, 0]
     assert with_smooth['last']['image_auroc'] >= 90 and with_smooth['last']['pixel_auroc'] >= 90, with_smooth['last']
     assert with_smooth['last']['pixel_auroc'] != tested['last']['pixel_auroc']
 

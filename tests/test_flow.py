@@ -10,8 +10,8 @@ from custom_models.flow import (build_decoder, condition_fibers, decoder_forward
                                 flatten_fibers, log_likelihood, positional_encoding_2d)
 from utils.checkpoint import describe_decoder_state
 from utils.schedule import cosine_lr, learning_rate
-from utils.scoring import (STD_FLOOR, anomaly_maps, image_scores, position_maps, position_stats, smooth_maps,
-                           smoothed_map_chunks)
+from utils.scoring import (STD_FLOOR, anomaly_maps, image_scores, position_maps, position_stats, scale_weights,
+                           smooth_maps, smoothed_map_chunks)
 
 
 def test_positional_encoding_layout():
@@ -199,6 +199,29 @@ def test_position_maps_brute_force_and_per_image():
         position_maps([torch.zeros(1, 3, 3), torch.zeros(1, 2, 2)], stats, 8)
 
 
+def test_scale_weights_weight_the_sum_over_scales():
+    """Weighted maps are the weighted sums of the single-scale maps; a zero weight leaves a scale out."""
+    torch.manual_seed(2)
+    lps = [torch.randn(4, 8, 8), torch.randn(4, 4, 4), torch.randn(4, 2, 2)]
+    stats = position_stats([lp + 0.1 * torch.randn_like(lp) for lp in lps])
+    w = (2.0, 0.5, 0.0)
+    single = [position_maps([lp], [st], 16) for lp, st in zip(lps, stats)]
+    assert torch.allclose(position_maps(lps, stats, 16, weights=w), 2.0 * single[0] + 0.5 * single[1], atol=1e-5)
+    assert torch.equal(position_maps(lps, stats, 16, weights=(1, 1, 1)), position_maps(lps, stats, 16))
+    # training maxima: A = sum_l w_l - sum_l w_l q_l, each q_l = exp(lp_l - m_l) upsampled
+    maxima = [float(lp.max()) + 0.5 for lp in lps]
+    q = [1.0 - anomaly_maps([lp], 16, [m]) for lp, m in zip(lps, maxima)]
+    expected = 2.5 - (2.0 * q[0] + 0.5 * q[1])
+    assert torch.allclose(anomaly_maps(lps, 16, maxima, weights=w), expected, atol=1e-5)
+    # test-set maxima: the offset is the largest weighted score over the set
+    tested = anomaly_maps(lps, 16, weights=w)
+    assert float(tested.min()) == pytest.approx(0.0, abs=1e-6)
+    assert scale_weights(None, 3) == (1.0, 1.0, 1.0)
+    for bad in ((1, 1), (0, 0, 0), (1, -1, 1), (1, float('nan'), 1), (1, float('inf'), 1)):
+        with pytest.raises(ValueError):
+            scale_weights(bad, 3)
+
+
 def test_score_map_chunks_dispatch_and_ranges():
     from train import score_map_chunks
     torch.manual_seed(0)
@@ -213,6 +236,10 @@ def test_score_map_chunks_dispatch_and_ranges():
         assert torch.equal(torch.cat([maps(0, 2), maps(2, 3), maps(3, 5)]), whole)
     with pytest.raises(ValueError):
         score_map_chunks('position', lps, 8, None)
+    for norm, ref, whole in (('test', None, anomaly_maps(lps, 8, weights=(1, 0))),
+                             ('train', [1.0, 2.0], anomaly_maps(lps, 8, [1.0, 2.0], weights=(1, 0))),
+                             ('position', stats, position_maps(lps, stats, 8, weights=(1, 0)))):
+        assert torch.equal(score_map_chunks(norm, lps, 8, ref, (1, 0))(0, 5), whole)
 
 
 def _mirror_smooth_brute_force(m: np.ndarray, sigma: float, radius_h: int, radius_w: int) -> np.ndarray:

@@ -105,6 +105,12 @@ def test_cuda_graphs_option_and_the_training_step_it_selects(monkeypatch):
     with pytest.raises(SystemExit):
         parse_config(['--smooth-sigma', '-1'])
     assert parse_config(['--smooth-sigma', '2.5']).smooth_sigma == 2.5
+    for bad in (['1', '1'], ['0', '0', '0'], ['1', '-1', '0'], ['1', 'nan', '1'], ['1', 'inf', '1']):
+        with pytest.raises(SystemExit):
+            parse_config(['--scale-weights', *bad])
+    assert parse_config(['--scale-weights', '1', '1', '0']).scale_weights == (1.0, 1.0, 0.0)
+    assert parse_config(['-pl', '2', '--scale-weights', '2', '1']).scale_weights == (2.0, 1.0)
+    assert parse_config([]).scale_weights is None
     enc = torch.nn.Conv2d(3, 4, 1)
     assert train.training_step(parse_config([]), enc) is train.fiber_batch_losses
     plain = train.training_step(parse_config(['--compile']), enc)

@@ -1,7 +1,8 @@
 """From per-scale log-likelihoods to anomaly maps and image scores (pure tensor math)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,20 +20,37 @@ MapChunks = Callable[[int, int], Tensor]
 """``maps(start, stop)``: the (stop - start, S, S) float32 anomaly maps of images start..stop-1."""
 
 
+def scale_weights(weights: Sequence[float] | None, n_scales: int) -> tuple[float, ...]:
+    """Per-scale weights of the sum over scales: all 1 for None; otherwise one non-negative weight per scale,
+    not all zero."""
+    if weights is None:
+        return (1.0,) * n_scales
+    w = tuple(float(x) for x in weights)
+    if len(w) != n_scales or any(not 0 <= x < math.inf for x in w) or not any(x > 0 for x in w):
+        raise ValueError(f'need {n_scales} non-negative scale weights, not all zero; got {w}')
+    return w
+
+
 def _upsampled_sum(log_probs: list[Tensor], per_scale: Callable[[int, Tensor], Tensor], out_size: int,
-                   start: int, stop: int, chunk: int) -> Tensor:
-    """``sum_l upsample(per_scale(l, lp_l))`` over scales for images start..stop-1, ``chunk`` images at a time.
+                   start: int, stop: int, chunk: int, weights: Sequence[float] | None = None) -> Tensor:
+    """``sum_l w_l * upsample(per_scale(l, lp_l))`` over scales for images start..stop-1, ``chunk`` images at a
+    time.
 
     ``per_scale`` turns a float64 (n, H_l, W_l) slice of scale l into per-position values; each is upsampled
-    bilinearly (align_corners=True) to ``out_size`` and the float32 results are summed into (n, S, S).
+    bilinearly (align_corners=True) to ``out_size`` and the float32 results are summed into (n, S, S). The
+    weights ``w_l`` are 1 for ``weights=None``; a scale of weight 0 is skipped.
     """
+    w = scale_weights(weights, len(log_probs))
     out = torch.zeros(stop - start, out_size, out_size, dtype=torch.float32)
     for first in range(start, stop, chunk):
         last = min(first + chunk, stop)
         for layer, lp in enumerate(log_probs):
+            if w[layer] == 0:
+                continue
             values = per_scale(layer, lp[first:last].double()).unsqueeze(1)
             up = F.interpolate(values, size=(out_size, out_size), mode='bilinear', align_corners=True)
-            out[first - start:last - start] += up[:, 0].float()
+            up = up[:, 0].float()
+            out[first - start:last - start] += up if w[layer] == 1 else w[layer] * up
     return out
 
 
@@ -41,11 +59,12 @@ def _images_per_chunk(out_size: int) -> int:
 
 
 def anomaly_map_chunks(log_probs: list[Tensor], out_size: int, norm_maxima: list[float] | None = None,
-                       chunk: int | None = None) -> MapChunks:
+                       chunk: int | None = None, weights: Sequence[float] | None = None) -> MapChunks:
     """:func:`anomaly_maps` a range of images at a time, so that the maps of a whole set need not be held.
 
-    With ``norm_maxima=None`` the test-set offset (the maximum of ``sum_l q_l`` over all images) is found
+    With ``norm_maxima=None`` the test-set offset (the maximum of ``sum_l w_l q_l`` over all images) is found
     here, by one pass over the set in chunks."""
+    w = scale_weights(weights, len(log_probs))
     maxima = layer_maxima(log_probs) if norm_maxima is None else list(norm_maxima)
     if len(maxima) != len(log_probs):
         raise ValueError(f'{len(maxima)} maxima for {len(log_probs)} scales')
@@ -55,25 +74,26 @@ def anomaly_map_chunks(log_probs: list[Tensor], out_size: int, norm_maxima: list
 
     n_images = log_probs[0].shape[0]
     chunk = chunk or _images_per_chunk(out_size)
-    offset = float(len(log_probs))
+    offset = float(sum(w))
     if norm_maxima is None:
         offset = max((float(_upsampled_sum(log_probs, per_scale, out_size, s, min(s + chunk, n_images),
-                                           chunk).max()) for s in range(0, n_images, chunk)), default=0.0)
+                                           chunk, w).max()) for s in range(0, n_images, chunk)), default=0.0)
 
     def maps(start: int, stop: int) -> Tensor:
-        return offset - _upsampled_sum(log_probs, per_scale, out_size, start, stop, chunk)
+        return offset - _upsampled_sum(log_probs, per_scale, out_size, start, stop, chunk, w)
     return maps
 
 
 def anomaly_maps(log_probs: list[Tensor], out_size: int, norm_maxima: list[float] | None = None,
-                 chunk: int | None = None) -> Tensor:
+                 chunk: int | None = None, weights: Sequence[float] | None = None) -> Tensor:
     """Anomaly maps as CFLOW-AD builds them.
 
     Per scale l: ``q_l = exp(lp_l - m_l)``, upsampled bilinearly (align_corners=True) to the input size;
-    ``score = sum_l q_l``; anomaly ``A = offset - score``. With ``norm_maxima=None`` (the paper's protocol)
-    ``m_l`` is the maximum of ``lp_l`` over this image set and ``offset`` is the maximum of ``score`` over
-    the set. With given maxima (e.g. from the training images) both are fixed: ``m_l = norm_maxima[l]`` and
-    ``offset = L``, so each image's map depends on that image alone.
+    ``score = sum_l w_l q_l`` (``w_l = 1``, the paper, unless ``weights`` are given); anomaly
+    ``A = offset - score``. With ``norm_maxima=None`` (the paper's protocol) ``m_l`` is the maximum of ``lp_l``
+    over this image set and ``offset`` is the maximum of ``score`` over the set. With given maxima (e.g. from
+    the training images) both are fixed: ``m_l = norm_maxima[l]`` and ``offset = sum_l w_l``, so each image's
+    map depends on that image alone.
 
     Args:
         log_probs: per scale, (N, H_l, W_l) per-dimension log-likelihoods.
@@ -83,7 +103,7 @@ def anomaly_maps(log_probs: list[Tensor], out_size: int, norm_maxima: list[float
     Returns:
         (N, out_size, out_size) float32 anomaly maps; higher is more anomalous.
     """
-    return anomaly_map_chunks(log_probs, out_size, norm_maxima, chunk)(0, log_probs[0].shape[0])
+    return anomaly_map_chunks(log_probs, out_size, norm_maxima, chunk, weights)(0, log_probs[0].shape[0])
 
 
 STD_FLOOR = 1e-3  # floor of a position's standard deviation (per-dimension log-likelihood units)
@@ -108,8 +128,9 @@ def position_stats(log_probs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
 
 
 def position_map_chunks(log_probs: list[Tensor], stats: list[tuple[Tensor, Tensor]], out_size: int,
-                        chunk: int | None = None) -> MapChunks:
+                        chunk: int | None = None, weights: Sequence[float] | None = None) -> MapChunks:
     """:func:`position_maps` a range of images at a time."""
+    w = scale_weights(weights, len(log_probs))
     if len(stats) != len(log_probs):
         raise ValueError(f'{len(stats)} statistics for {len(log_probs)} scales')
     for lp, (mean, std) in zip(log_probs, stats):
@@ -122,22 +143,23 @@ def position_map_chunks(log_probs: list[Tensor], stats: list[tuple[Tensor, Tenso
     chunk = chunk or _images_per_chunk(out_size)
 
     def maps(start: int, stop: int) -> Tensor:
-        return _upsampled_sum(log_probs, per_scale, out_size, start, stop, chunk)
+        return _upsampled_sum(log_probs, per_scale, out_size, start, stop, chunk, w)
     return maps
 
 
 def position_maps(log_probs: list[Tensor], stats: list[tuple[Tensor, Tensor]], out_size: int,
-                  chunk: int | None = None) -> Tensor:
+                  chunk: int | None = None, weights: Sequence[float] | None = None) -> Tensor:
     """Anomaly maps from log-likelihoods standardised per position against reference statistics.
 
     Per scale l: ``z_l = (mean_l - lp_l) / std_l`` at each position of the scale's grid (``stats`` from
     :func:`position_stats`, e.g. of the training images), upsampled bilinearly (align_corners=True) to the
-    input size; ``A = sum_l z_l``. Each image's map depends on that image alone.
+    input size; ``A = sum_l w_l z_l`` (``w_l = 1`` unless ``weights`` are given). Each image's map depends on
+    that image alone.
 
     Returns:
         (N, out_size, out_size) float32 anomaly maps; higher is more anomalous.
     """
-    return position_map_chunks(log_probs, stats, out_size, chunk)(0, log_probs[0].shape[0])
+    return position_map_chunks(log_probs, stats, out_size, chunk, weights)(0, log_probs[0].shape[0])
 
 
 def gaussian_kernel(sigma: float, radius: int) -> Tensor:
