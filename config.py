@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from custom_datasets import DATASET_NAMES, FLIP_CHOICES
 from custom_models.encoders import ENCODER_NAMES
 from custom_models.flow import DECODER_NAMES
+from utils.scoring import scale_weights
 
 ACTION_TYPES = ('norm-train', 'norm-test')
 DEFAULT_INPUT_SIZE = 256
@@ -228,10 +229,11 @@ def parse_config(argv: list[str] | None = None) -> Config:
         if len(weights) != values['pool_layers']:
             parser.error(f'--scale-weights takes one weight per scale ({values["pool_layers"]} with -pl '
                          f'{values["pool_layers"]}), got {len(weights)}')
-        if any(not 0 <= w < math.inf for w in weights) or not any(w > 0 for w in weights):
+        try:
+            values['scale_weights'] = scale_weights(weights, len(weights))
+        except ValueError:
             parser.error('--scale-weights must be finite, 0 or more and not all 0, got '
                          + ' '.join(map(str, weights)))
-        values['scale_weights'] = tuple(float(w) for w in weights)
     if values['workers'] < 0:
         parser.error('--workers must be 0 or more')
     if values['lr'] <= 0:

@@ -65,11 +65,10 @@ stride 8 alone 89.16 / 69.90, 16 alone 86.17 / 70.39, 32 alone 85.41 / 66.61, 8 
 ``--scale-weights 1 1 0``. Weights other than 0 and 1 were looked at too (1.5 1 0: 160.29; 2 1 0: 160.26; 1 1
 0.25: 159.61): no different beyond noise, so the recipe keeps the plain subset. On the test split this did not
 carry over (README): 86.99 / 79.51 / 77.22 image AUROC / pixel AUROC / AUPRO against 88.55 / 81.92 / 75.03 with
-all three scales (the real uneven areas need the coarse scale); the recipe stays what validation chose. Before candidate 5 the recipe was
-the same at input 320; before the pooled candidate, the lite2 / 320 / position / hflip row (156.52) was the
-recipe. Without test-time flips input
-320 (155.98) and input 256 (155.72) were within noise of each other: input 320 finds the faint cracks and localises
-better, input 256 ranks the brightness bumps better. The left-right flip was then tried on the input-320 candidate
+all three scales (the real uneven areas need the coarse scale); the recipe stays what validation chose. Before
+candidate 5 the recipe was the same at input 320; before the pooled candidate, the lite2 / 320 / position / hflip
+row (156.52) was the recipe. Without test-time flips input 320 (155.98) and input 256 (155.72) were within noise of
+each other: input 320 finds the faint cracks and localises better, input 256 ranks the brightness bumps better. The left-right flip was then tried on the input-320 candidate
 only (the ``--candidates 2`` run, which reproduced its two earlier rows exactly); it raises the brightness bumps and
 the cracks and costs 0.24 validation pixel AUROC. All four flips (``--tta flips``: left-right, upside down and both)
 were scored once on that checkpoint (a norm-test run, not part of ``SCORINGS``): no better than the left-right flip

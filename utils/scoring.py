@@ -32,15 +32,14 @@ def scale_weights(weights: Sequence[float] | None, n_scales: int) -> tuple[float
 
 
 def _upsampled_sum(log_probs: list[Tensor], per_scale: Callable[[int, Tensor], Tensor], out_size: int,
-                   start: int, stop: int, chunk: int, weights: Sequence[float] | None = None) -> Tensor:
+                   start: int, stop: int, chunk: int, w: tuple[float, ...]) -> Tensor:
     """``sum_l w_l * upsample(per_scale(l, lp_l))`` over scales for images start..stop-1, ``chunk`` images at a
     time.
 
     ``per_scale`` turns a float64 (n, H_l, W_l) slice of scale l into per-position values; each is upsampled
-    bilinearly (align_corners=True) to ``out_size`` and the float32 results are summed into (n, S, S). The
-    weights ``w_l`` are 1 for ``weights=None``; a scale of weight 0 is skipped.
+    bilinearly (align_corners=True) to ``out_size`` and the float32 results are weighted by ``w`` (from
+    :func:`scale_weights`) and summed into (n, S, S); a scale of weight 0 is skipped.
     """
-    w = scale_weights(weights, len(log_probs))
     out = torch.zeros(stop - start, out_size, out_size, dtype=torch.float32)
     for first in range(start, stop, chunk):
         last = min(first + chunk, stop)
@@ -49,8 +48,7 @@ def _upsampled_sum(log_probs: list[Tensor], per_scale: Callable[[int, Tensor], T
                 continue
             values = per_scale(layer, lp[first:last].double()).unsqueeze(1)
             up = F.interpolate(values, size=(out_size, out_size), mode='bilinear', align_corners=True)
-            up = up[:, 0].float()
-            out[first - start:last - start] += up if w[layer] == 1 else w[layer] * up
+            out[first - start:last - start] += w[layer] * up[:, 0].float()
     return out
 
 
