@@ -73,6 +73,8 @@ class Config:
     scale_weights: tuple[float, ...] | None = None
     feature_pool: int | tuple[int, ...] = 1
     train_flips: str = 'none'
+    rotation_deg: float = 5.0
+    train_jitter: float = 0.0
     adam_mode: str = 'paper'
     run_count: int = 1
     resume: bool = False
@@ -90,10 +92,13 @@ class Config:
     def model_name(self) -> str:
         """``{dataset}_{enc}_{dec}_pl{L}_cb{K}_inp{inp}_run{run}_{class}``, as the original names runs
         (``_fp{k}`` follows ``cb{K}`` when ``--feature-pool`` k > 1, ``_fp{k1}-{k2}-{k3}`` with one k per
-        scale, then ``_tr{flips}`` with ``--train-flips``)."""
+        scale, then ``_tr{flips}`` with ``--train-flips``, ``_rot{deg}`` with a ``--rotation-deg`` other than 5
+        and ``_jit{f}`` with ``--train-jitter``)."""
         fp = fold_pool_sizes(pool_sizes(self.feature_pool, self.pool_layers))
         pool = '' if fp == 1 else f'_fp{fp}' if isinstance(fp, int) else '_fp' + '-'.join(map(str, fp))
         flips = f'_tr{self.train_flips}' if self.train_flips != 'none' else ''
+        flips += f'_rot{self.rotation_deg:g}' if self.rotation_deg != 5.0 else ''
+        flips += f'_jit{self.train_jitter:g}' if self.train_jitter else ''
         return (f'{self.dataset}_{self.enc_arch}_{self.dec_arch}_pl{self.pool_layers}_cb{self.coupling_blocks}'
                 f'{pool}{flips}_inp{self.input_size}_run{self.run_name}_{self.class_name}')
 
@@ -192,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
                         'left-right (hflip) or left-right and upside down (flips), each with probability 1/2; '
                         'for subjects whose mirror images are normal too (textures, tiles); none (default) = '
                         'the paper')
+    n.add_argument('--rotation-deg', default=5.0, type=float, metavar='DEG',
+                   help='training augmentation: rotate each training image by a random angle in [-DEG, DEG] '
+                        '(nearest neighbour, black corners), 5 (default) as the paper; 0 = no rotation, for '
+                        'subjects whose corners and edges matter or whose orientation is fixed')
+    n.add_argument('--train-jitter', default=0.0, type=float, metavar='F',
+                   help='training augmentation: scale the brightness and the contrast of each training image by '
+                        'random factors in [1-F, 1+F]; for subjects photographed under varying light; 0 '
+                        '(default) = none, as the paper')
     n.add_argument('--adam-mode', default='paper', choices=('paper', 'torch2'),
                    help='paper: one Adam over all decoders whose idle decoders keep moving on their momentum '
                         '(PyTorch 1.8 zero_grad, as the paper ran); torch2: idle decoders are not updated')
@@ -234,6 +247,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
         except ValueError:
             parser.error('--scale-weights must be finite, 0 or more and not all 0, got '
                          + ' '.join(map(str, weights)))
+    if not 0 <= values['rotation_deg'] <= 180:
+        parser.error(f'--rotation-deg must be between 0 and 180, got {values["rotation_deg"]}')
+    if not 0 <= values['train_jitter'] < 1:
+        parser.error(f'--train-jitter must be at least 0 and below 1, got {values["train_jitter"]}')
     if values['workers'] < 0:
         parser.error('--workers must be 0 or more')
     if values['lr'] <= 0:

@@ -102,7 +102,9 @@ def print_header(cfg: Config, encoder: Encoder, train_set, test_set, device: tor
     print(f'Encoder {cfg.enc_arch}: {cfg.pool_layers} pool layers, channels {encoder.channels}, '
           f'strides {encoder.strides}{pool}', flush=True)
     mirrored = {'none': '', 'hflip': ', mirrored left-right at random', 'flips': ', mirrored at random'}
-    print(f'train images: {len(train_set)}{mirrored[cfg.train_flips]}, test images: {len(test_set)} '
+    rotated = f', rotated by up to {cfg.rotation_deg:g} deg' if cfg.rotation_deg else ', not rotated'
+    rotated += f', brightness and contrast jittered by up to {cfg.train_jitter:g}' if cfg.train_jitter else ''
+    print(f'train images: {len(train_set)}{rotated}{mirrored[cfg.train_flips]}, test images: {len(test_set)} '
           f'({int(np.sum(test_set.labels))} anomalous)', flush=True)
     if cfg.pro and cfg.score_norm == 'position':
         print('note: --score-norm position gives unbounded maps; the original AUPRO variant (evenly spaced '
@@ -251,7 +253,8 @@ def run_one(cfg: Config) -> dict:
     mean, std = normalisation(cfg, encoder)
     root = cfg.data_path or default_data_path(cfg.dataset)
     train_set, test_set = build_datasets(cfg.dataset, root, cfg.class_name, cfg.input_size, mean, std,
-                                         train_flips=cfg.train_flips)
+                                         rotation_deg=cfg.rotation_deg, train_flips=cfg.train_flips,
+                                         train_jitter=cfg.train_jitter)
     print_header(cfg, encoder, train_set, test_set, device)
     decoders = [build_decoder(cfg.dec_arch, ch, cfg.condition_dim, cfg.coupling_blocks, cfg.clamp_alpha).to(device)
                 for ch in encoder.channels]

@@ -95,11 +95,12 @@ def _samples(dataset: str, root: Path, class_name: str, progress: bool) -> tuple
 
 def build_datasets(dataset: str, root: str | Path, class_name: str, input_size: int, mean: Sequence[float],
                    std: Sequence[float], rotation_deg: float = 5.0, train_flips: str = 'none',
-                   progress: bool = True) -> tuple[AnomalyDataset, AnomalyDataset]:
+                   train_jitter: float = 0.0, progress: bool = True) -> tuple[AnomalyDataset, AnomalyDataset]:
     """Train and test datasets of one class.
 
-    The training set applies RandomRotation(rotation_deg) (none when 0) and the random mirrorings of
-    ``train_flips``; the test set is never rotated or mirrored. Every
+    The training set applies brightness and contrast jitter (``train_jitter``, none when 0),
+    RandomRotation(rotation_deg) (none when 0) and the random mirrorings of ``train_flips``; the test set is
+    never jittered, rotated or mirrored. Every
     image and image-mask header is read once here so that unreadable files and mask/image size mismatches
     fail before training (STC training frames, which are written by this package, are not checked).
 
@@ -112,6 +113,8 @@ def build_datasets(dataset: str, root: str | Path, class_name: str, input_size: 
         rotation_deg: maximum training rotation in degrees.
         train_flips: ``'none'``, ``'hflip'`` (left-right, probability 1/2) or ``'flips'`` (left-right and
             upside down, each independently with probability 1/2), training set only.
+        train_jitter: brightness and contrast factors drawn from [1 - train_jitter, 1 + train_jitter] for each
+            training image (0 = none).
         progress: show a progress bar while STC training videos are decoded.
 
     Returns:
@@ -130,5 +133,5 @@ def build_datasets(dataset: str, root: str | Path, class_name: str, input_size: 
     if not test:
         raise UserError(f'the test set of {where} is empty; it needs test images ({_LAYOUTS[dataset]})')
     check_files(test if dataset == 'stc' else train + test)
-    return (AnomalyDataset(train, input_size, mean, std, rotation_deg, train_flips),
+    return (AnomalyDataset(train, input_size, mean, std, rotation_deg, train_flips, train_jitter),
             AnomalyDataset(test, input_size, mean, std, 0.0))

@@ -165,9 +165,11 @@ class AnomalyDataset(Dataset):
     """Images with image labels and pixel masks, transformed as in the original CFLOW-AD.
 
     Image transform: square Resize((S, S)) with LANCZOS (PIL's antialias filter), then, for training only,
-    RandomRotation(rotation_deg) with NEAREST interpolation, fill 0 and no expansion, then the random mirrorings
-    of ``flips`` (``'hflip'``: left-right with probability 1/2; ``'flips'``: also upside down, independently),
-    then ToTensor and Normalize(mean, std). Masks are binarised at their own resolution and resized with NEAREST.
+    ColorJitter(brightness=jitter, contrast=jitter) when ``jitter`` > 0 (each factor uniform in
+    [1 - jitter, 1 + jitter], the two in random order), RandomRotation(rotation_deg) with NEAREST interpolation,
+    fill 0 and no expansion, then the random mirrorings of ``flips`` (``'hflip'``: left-right with probability
+    1/2; ``'flips'``: also upside down, independently), then ToTensor and Normalize(mean, std). Masks are
+    binarised at their own resolution and resized with NEAREST.
 
     Attributes:
         samples: the samples, in dataset order.
@@ -179,7 +181,8 @@ class AnomalyDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], input_size: int, mean: Sequence[float],
-                 std: Sequence[float], rotation_deg: float = 0.0, flips: str = 'none') -> None:
+                 std: Sequence[float], rotation_deg: float = 0.0, flips: str = 'none',
+                 jitter: float = 0.0) -> None:
         self.samples = list(samples)
         self.input_size = int(input_size)
         self.labels = [s.label for s in self.samples]
@@ -189,6 +192,8 @@ class AnomalyDataset(Dataset):
         self.n_missing_masks = sum(1 for s in self.samples if s.label == 1 and not s.mask_valid)
         size = (self.input_size, self.input_size)
         steps: list = [T.Resize(size, interpolation=T.InterpolationMode.LANCZOS)]
+        if jitter:
+            steps.append(T.ColorJitter(brightness=jitter, contrast=jitter))
         if rotation_deg:
             steps.append(T.RandomRotation(rotation_deg, interpolation=T.InterpolationMode.NEAREST,
                                           expand=False, fill=0))

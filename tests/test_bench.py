@@ -55,13 +55,17 @@ def test_recipe_and_scorings_are_valid_command_lines():
                 'encoder', 'input_size', 'meta_epochs', 'sub_epochs', 'pool_layers', 'coupling_blocks',
                 'feature_pool', 'score_norm', 'tta'))
     assert cfg.scale_weights == tuple(float(w) for w in mtd.RECIPE['scale_weights'])
-    assert cfg.model_name == 'mtd_efficientnet_lite2_freia-cflow_pl3_cb8_fp3_inp384_run0_none'
+    assert cfg.rotation_deg == mtd.RECIPE['rotation_deg'] == 0
+    assert cfg.model_name == 'mtd_efficientnet_lite2_freia-cflow_pl3_cb8_fp3_rot0_inp384_run0_none'
     for cand in mtd.CANDIDATES:
         for score_norm, tta in mtd.SCORINGS:
             cfg = parse_config(mtd.recipe_args({**cand, 'score_norm': score_norm, 'tta': tta}))
             assert (cfg.score_norm, cfg.tta, cfg.input_size) == (score_norm, tta, cand['input_size'])
             assert cfg.feature_pool == cand.get('feature_pool', 1)
             assert cfg.train_flips == cand.get('train_flips', 'none')
+            assert cfg.rotation_deg == cand.get('rotation_deg', 5.0)
+            assert cfg.train_jitter == cand.get('train_jitter', 0.0)
+            assert cfg.precision == cand.get('precision', 'fp32')
     assert parse_config([]).model_name == 'mvtec_wide_resnet50_2_freia-cflow_pl3_cb8_inp256_run0_none'
     assert (parse_config(['--feature-pool', '3', '--train-flips', 'hflip']).model_name
             == 'mvtec_wide_resnet50_2_freia-cflow_pl3_cb8_fp3_trhflip_inp256_run0_none')

@@ -255,6 +255,28 @@ def test_rotation_only_in_train(mvtec_root):
     assert torch.equal(train0[0][0], reference)
 
 
+def test_train_jitter_scales_brightness_and_contrast_of_training_images_only(mvtec_root):
+    """--train-jitter: each training draw maps every grey level to one value, keeping their order (brightness
+    and contrast are monotone maps); draws differ; the test set and a jitter of 0 are untouched."""
+    train, test = build_datasets('mvtec', mvtec_root, 'widget', SIDE, MEAN, STD, rotation_deg=0.0,
+                                 train_jitter=0.5)
+    plain, plain_test = build_datasets('mvtec', mvtec_root, 'widget', SIDE, MEAN, STD, rotation_deg=0.0)
+    reference = plain[0][0]
+    torch.manual_seed(0)
+    draws = [train[0][0] for _ in range(6)]
+    assert sum(not torch.allclose(d, reference) for d in draws) >= 5
+    levels = _grey(0)
+    for d in draws:
+        out = d[0].numpy()
+        mapped = [np.unique(out[levels == g]) for g in GREYS]
+        assert all(len(m) == 1 for m in mapped)  # one value per grey level: no spatial change
+        assert mapped[0][0] <= mapped[1][0] <= mapped[2][0]
+    torch.manual_seed(1)
+    for i in range(len(test)):
+        assert torch.equal(test[i][0], plain_test[i][0])
+    assert torch.equal(plain[0][0], reference)
+
+
 @pytest.mark.parametrize('flips, expected', [('none', {'id'}), ('hflip', {'id', 'lr'}),
                                               ('flips', {'id', 'lr', 'ud', 'both'})])
 def test_train_flips_mirror_training_images_only(mvtec_root, flips, expected):

@@ -131,16 +131,21 @@ def test_mixed_configurations_are_not_averaged():
 
 def test_per_scale_feature_pool_and_train_flips_are_configurations():
     """A per-scale --feature-pool (a list in JSON) groups like any setting; files without the newer
-    settings count as no pooling and no mirroring."""
+    settings count as no pooling, no mirroring and the paper's 5-degree rotation."""
     rows = build_table([make_result('bottle', 0, metrics(99.0, 98.0, 95.0), feature_pool=[1, 3, 3]),
                         make_result('bottle', 1, metrics(97.0, 96.0, 93.0), feature_pool=[1, 3, 3]),
                         make_result('bottle', 2, metrics(91.0, 90.0, 85.0), feature_pool=1, train_flips='none'),
                         make_result('bottle', 3, metrics(90.0, 89.0, 84.0)),
-                        make_result('bottle', 4, metrics(80.0, 79.0, 74.0), train_flips='flips')])
-    class_rows = sorted((r for r in rows if r['row'] == 'class'), key=lambda r: -r['n_runs'])
-    assert [r['n_runs'] for r in class_rows] == [2, 2, 1]
+                        make_result('bottle', 4, metrics(80.0, 79.0, 74.0), train_flips='flips'),
+                        make_result('bottle', 5, metrics(89.0, 88.0, 83.0), rotation_deg=5.0),
+                        make_result('bottle', 6, metrics(70.0, 69.0, 64.0), rotation_deg=0.0)])
+    class_rows = sorted((r for r in rows if r['row'] == 'class'), key=lambda r: (-r['n_runs'], r['configuration']))
+    assert [r['n_runs'] for r in class_rows] == [3, 2, 1, 1]
     labels = [r['configuration'] for r in class_rows]
-    assert 'feature_pool=(1, 3, 3)' in labels[0] and 'train_flips=flips' in labels[2]
+    assert 'feature_pool=(1, 3, 3)' in labels[1]
+    assert 'rotation_deg=5.0' in labels[0] and 'rotation_deg=5.0' in labels[1]
+    assert {label.split(', ', 2)[-1] for label in labels[2:]} == {'train_flips=flips, rotation_deg=5.0',
+                                                                   'train_flips=none, rotation_deg=0.0'}
 
 
 def test_markdown_and_csv(results):

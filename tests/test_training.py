@@ -97,7 +97,8 @@ def test_compiled_forward_is_built_once_per_encoder_and_drops_the_previous():
 
 
 def test_cuda_graphs_option_and_the_training_step_it_selects(monkeypatch):
-    """--cuda-graphs needs --compile; the training step is eager, compiled, or compiled in mode
+    """--cuda-graphs needs --compile (and the other checked options: --smooth-sigma, --scale-weights,
+    --rotation-deg, --train-jitter); the training step is eager, compiled, or compiled in mode
     'reduce-overhead' with a new CUDA-graph step marked before every call; a change of mode recompiles."""
     from config import parse_config
     with pytest.raises(SystemExit):
@@ -111,6 +112,19 @@ def test_cuda_graphs_option_and_the_training_step_it_selects(monkeypatch):
     assert parse_config(['--scale-weights', '1', '1', '0']).scale_weights == (1.0, 1.0, 0.0)
     assert parse_config(['-pl', '2', '--scale-weights', '2', '1']).scale_weights == (2.0, 1.0)
     assert parse_config([]).scale_weights is None
+    for bad in ('-1', '181', 'nan'):
+        with pytest.raises(SystemExit):
+            parse_config(['--rotation-deg', bad])
+    assert parse_config([]).rotation_deg == 5.0 and '_rot' not in parse_config([]).model_name
+    no_rotation = parse_config(['--rotation-deg', '0', '--train-flips', 'hflip', '--feature-pool', '3'])
+    assert no_rotation.rotation_deg == 0.0 and '_cb8_fp3_trhflip_rot0_inp256_' in no_rotation.model_name
+    assert '_rot2.5_inp' in parse_config(['--rotation-deg', '2.5']).model_name
+    for bad in ('-0.1', '1', 'nan'):
+        with pytest.raises(SystemExit):
+            parse_config(['--train-jitter', bad])
+    jittered = parse_config(['--rotation-deg', '0', '--train-jitter', '0.3'])
+    assert jittered.train_jitter == 0.3 and '_rot0_jit0.3_inp' in jittered.model_name
+    assert '_jit' not in parse_config(['--train-jitter', '0']).model_name
     enc = torch.nn.Conv2d(3, 4, 1)
     assert train.training_step(parse_config([]), enc) is train.fiber_batch_losses
     plain = train.training_step(parse_config(['--compile']), enc)
@@ -294,3 +308,27 @@ def test_measure_in_chunks_equals_whole_set_metrics(monkeypatch, score_norm, bud
             assert values[key] == (None if expected is None else pytest.approx(100 * expected, abs=1e-9)), (name, key)
     assert got['per_defect']['hole']['pixel_auroc'] is None  # its only image with a mask has an empty one
     assert got['per_defect']['cut']['pixel_auroc'] is not None
+
+
+@pytest.mark.parametrize('argv, expected', [([], (5.0, 0.0)), (['--rotation-deg', '0', '--train-jitter', '0.2'],
+                                                                (0.0, 0.2))])
+def test_augmentation_options_reach_the_training_set(monkeypatch, tmp_path, argv, expected):
+    """main.py builds the training set with --rotation-deg (5 degrees, the paper's, unless given) and
+    --train-jitter (none unless given)."""
+    import main
+    from config import parse_config
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def fake_build(*args, **kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(main, 'build_datasets', fake_build)
+    cfg = parse_config(['--dataset', 'mvtec', '--class-name', 'widget', '-enc', 'efficientnet_lite0', '--no-cuda',
+                        '--data-path', str(tmp_path), '--output-dir', str(tmp_path), *argv])
+    with pytest.raises(Built):
+        main.run_one(cfg)
+    assert (seen['rotation_deg'], seen['train_jitter']) == expected

@@ -65,11 +65,11 @@ _PAPER_COLUMNS = {
 _BASE_KEYS = ('dataset', 'enc_arch', 'dec_arch', 'pool_layers', 'coupling_blocks', 'action_type')
 _EXTRA_KEYS = ('meta_epochs', 'sub_epochs', 'lr', 'batch_size', 'fiber_batch', 'score_norm',
                'encoder_weights', 'precision', 'adam_mode', 'tta', 'feature_pool', 'train_flips', 'smooth_sigma',
-               'scale_weights')
+               'scale_weights', 'rotation_deg', 'train_jitter')
 
 # Settings added after results files existed: the value that older files, which lack them, ran with.
 _ADDED_SETTINGS = {'tta': 'none', 'feature_pool': 1, 'train_flips': 'none', 'smooth_sigma': 0.0,
-                   'scale_weights': None}
+                   'scale_weights': None, 'rotation_deg': 5.0, 'train_jitter': 0.0}
 
 CSV_FIELDS = (['configuration', *_BASE_KEYS, 'class_name', 'input_size', 'row', 'status', 'error', 'n_runs',
                'n_failed', 'n_classes']
