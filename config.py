@@ -96,11 +96,11 @@ class Config:
         and ``_jit{f}`` with ``--train-jitter``)."""
         fp = fold_pool_sizes(pool_sizes(self.feature_pool, self.pool_layers))
         pool = '' if fp == 1 else f'_fp{fp}' if isinstance(fp, int) else '_fp' + '-'.join(map(str, fp))
-        flips = f'_tr{self.train_flips}' if self.train_flips != 'none' else ''
-        flips += f'_rot{self.rotation_deg:g}' if self.rotation_deg != 5.0 else ''
-        flips += f'_jit{self.train_jitter:g}' if self.train_jitter else ''
+        augment = f'_tr{self.train_flips}' if self.train_flips != 'none' else ''
+        augment += f'_rot{self.rotation_deg:g}' if self.rotation_deg != 5.0 else ''
+        augment += f'_jit{self.train_jitter:g}' if self.train_jitter else ''
         return (f'{self.dataset}_{self.enc_arch}_{self.dec_arch}_pl{self.pool_layers}_cb{self.coupling_blocks}'
-                f'{pool}{flips}_inp{self.input_size}_run{self.run_name}_{self.class_name}')
+                f'{pool}{augment}_inp{self.input_size}_run{self.run_name}_{self.class_name}')
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

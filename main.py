@@ -102,9 +102,9 @@ def print_header(cfg: Config, encoder: Encoder, train_set, test_set, device: tor
     print(f'Encoder {cfg.enc_arch}: {cfg.pool_layers} pool layers, channels {encoder.channels}, '
           f'strides {encoder.strides}{pool}', flush=True)
     mirrored = {'none': '', 'hflip': ', mirrored left-right at random', 'flips': ', mirrored at random'}
-    rotated = f', rotated by up to {cfg.rotation_deg:g} deg' if cfg.rotation_deg else ', not rotated'
-    rotated += f', brightness and contrast jittered by up to {cfg.train_jitter:g}' if cfg.train_jitter else ''
-    print(f'train images: {len(train_set)}{rotated}{mirrored[cfg.train_flips]}, test images: {len(test_set)} '
+    augment = f', rotated by up to {cfg.rotation_deg:g} deg' if cfg.rotation_deg else ', not rotated'
+    augment += f', brightness and contrast jittered by up to {cfg.train_jitter:g}' if cfg.train_jitter else ''
+    print(f'train images: {len(train_set)}{augment}{mirrored[cfg.train_flips]}, test images: {len(test_set)} '
           f'({int(np.sum(test_set.labels))} anomalous)', flush=True)
     if cfg.pro and cfg.score_norm == 'position':
         print('note: --score-norm position gives unbounded maps; the original AUPRO variant (evenly spaced '
