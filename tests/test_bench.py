@@ -56,6 +56,7 @@ def test_recipe_and_scorings_are_valid_command_lines():
                 'feature_pool', 'score_norm', 'tta'))
     assert cfg.scale_weights == tuple(float(w) for w in mtd.RECIPE['scale_weights'])
     assert cfg.rotation_deg == mtd.RECIPE['rotation_deg'] == 0
+    assert cfg.precision == mtd.RECIPE['precision'] == 'bf16'
     assert cfg.model_name == 'mtd_efficientnet_lite2_freia-cflow_pl3_cb8_fp3_rot0_inp384_run0_none'
     for cand in mtd.CANDIDATES:
         for score_norm, tta in mtd.SCORINGS:
@@ -72,6 +73,20 @@ def test_recipe_and_scorings_are_valid_command_lines():
     for bad in ('0', '2'):
         with pytest.raises(SystemExit):
             parse_config(['--feature-pool', bad])
+
+
+@pytest.mark.parametrize('precision', [None, 'fp32', 'bf16'])
+def test_benchmark_runs_the_recipe_in_the_precision_asked_for(tmp_path, precision):
+    """bench/mtd.py --precision replaces the recipe's precision and changes nothing else (the same model name);
+    without it the recipe's own precision is used."""
+    from config import parse_config
+    args = mtd.benchmark_args(tmp_path / 'data', tmp_path / 'out', ['--workers', '2', '--seed', '1'],
+                              mtd.benchmark_recipe(precision))
+    cfg = parse_config(args)
+    assert cfg.precision == (precision or mtd.RECIPE['precision'])
+    assert (cfg.dataset, cfg.class_name, cfg.pro, cfg.seed, cfg.workers) == ('mtd', 'tile', True, 1, 2)
+    assert cfg.model_name == parse_config(mtd.benchmark_args(tmp_path / 'data', tmp_path / 'out', [],
+                                                             mtd.RECIPE)).model_name
 
 
 def test_eval_memory_bench_runs_and_cutting_the_score_axis_keeps_the_metrics():
