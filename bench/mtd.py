@@ -17,7 +17,7 @@ of its checkpoint, no retraining). The row with the best sum of validation image
 epoch) is printed as selected; a finished candidate in ``--output-dir`` is reused rather than trained
 again. ``--candidates`` restricts the run to some of ``CANDIDATES``.
 
-``RECIPE`` is candidate 11 (``CANDIDATES[11]``) scored with ``--scale-weights 1 1 0``. The whole record of the
+``RECIPE`` is candidate 12 (``CANDIDATES[12]``) scored with ``--scale-weights 1 1 0``. The whole record of the
 selection, every candidate's validation figures, each step of the choice and the test figures of every recipe the
 benchmark has used, is in ``bench/MTD.md``.
 """
@@ -47,7 +47,7 @@ DEFAULT_DATA = REPO.parent / 'shared' / 'data' / 'magnetic_tile'
 # The recipe chosen with --select (see bench/MTD.md): input size, epochs, layers, precision.
 RECIPE = {'encoder': 'efficientnet_lite2', 'input_size': 384, 'meta_epochs': 4, 'sub_epochs': 3, 'pool_layers': 3,
           'coupling_blocks': 8, 'feature_pool': 3, 'score_norm': 'position', 'tta': 'none', 'scale_weights': (1, 1, 0),
-          'rotation_deg': 0, 'precision': 'bf16'}
+          'rotation_deg': 0, 'precision': 'bf16', 'lr': 4e-4}
 
 CANDIDATES = [
     {'encoder': 'efficientnet_lite0', 'input_size': 256, 'meta_epochs': 4, 'sub_epochs': 2, 'pool_layers': 3,
@@ -74,6 +74,8 @@ CANDIDATES = [
      'coupling_blocks': 8, 'feature_pool': 3, 'train_jitter': 0.3},
     {'encoder': 'efficientnet_lite2', 'input_size': 384, 'meta_epochs': 4, 'sub_epochs': 3, 'pool_layers': 3,
      'coupling_blocks': 8, 'feature_pool': 3, 'rotation_deg': 0, 'precision': 'bf16'},
+    {'encoder': 'efficientnet_lite2', 'input_size': 384, 'meta_epochs': 4, 'sub_epochs': 3, 'pool_layers': 3,
+     'coupling_blocks': 8, 'feature_pool': 3, 'rotation_deg': 0, 'precision': 'bf16', 'lr': 4e-4},
 ]
 
 
@@ -95,6 +97,7 @@ def recipe_args(recipe: dict) -> list[str]:
             *(['--rotation-deg', str(recipe['rotation_deg'])] if 'rotation_deg' in recipe else []),
             *(['--train-jitter', str(recipe['train_jitter'])] if 'train_jitter' in recipe else []),
             *(['--precision', recipe['precision']] if 'precision' in recipe else []),
+            *(['--lr', str(recipe['lr'])] if 'lr' in recipe else []),
             *(['--scale-weights', *map(str, recipe['scale_weights'])] if 'scale_weights' in recipe else [])]
 
 

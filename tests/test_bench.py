@@ -57,6 +57,7 @@ def test_recipe_and_scorings_are_valid_command_lines():
     assert cfg.scale_weights == tuple(float(w) for w in mtd.RECIPE['scale_weights'])
     assert cfg.rotation_deg == mtd.RECIPE['rotation_deg'] == 0
     assert cfg.precision == mtd.RECIPE['precision'] == 'bf16'
+    assert cfg.lr == mtd.RECIPE['lr'] == 4e-4
     assert cfg.model_name == 'mtd_efficientnet_lite2_freia-cflow_pl3_cb8_fp3_rot0_inp384_run0_none'
     for cand in mtd.CANDIDATES:
         for score_norm, tta in mtd.SCORINGS:
@@ -67,6 +68,7 @@ def test_recipe_and_scorings_are_valid_command_lines():
             assert cfg.rotation_deg == cand.get('rotation_deg', 5.0)
             assert cfg.train_jitter == cand.get('train_jitter', 0.0)
             assert cfg.precision == cand.get('precision', 'fp32')
+            assert cfg.lr == cand.get('lr', 2e-4)
     assert parse_config([]).model_name == 'mvtec_wide_resnet50_2_freia-cflow_pl3_cb8_inp256_run0_none'
     assert (parse_config(['--feature-pool', '3', '--train-flips', 'hflip']).model_name
             == 'mvtec_wide_resnet50_2_freia-cflow_pl3_cb8_fp3_trhflip_inp256_run0_none')
