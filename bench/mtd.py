@@ -297,12 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: {data} does not hold the Magnetic Tile data (MT_Free/Imgs); pass --data-path',
               file=sys.stderr)
         return 2
-    common = ['--workers', str(args.workers), '--seed', str(args.seed), '--no-cuda',
-              *(['--precision', args.precision] if args.precision else [])]
+    common = ['--workers', str(args.workers), '--seed', str(args.seed), '--no-cuda']
     out.mkdir(parents=True, exist_ok=True)
     try:
         if args.select:
-            select(data, out, common, args.candidates)
+            select(data, out, [*common, *(['--precision', args.precision] if args.precision else [])],
+                   args.candidates)
         else:
             weights = out / 'weights'
             if weights.exists():
