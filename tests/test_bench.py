@@ -77,15 +77,17 @@ def test_recipe_and_scorings_are_valid_command_lines():
             parse_config(['--feature-pool', bad])
 
 
+@pytest.mark.parametrize('compile_', [True, False])
 @pytest.mark.parametrize('precision', [None, 'fp32', 'bf16'])
-def test_benchmark_runs_the_recipe_in_the_precision_asked_for(tmp_path, precision):
-    """bench/mtd.py --precision replaces the recipe's precision and changes nothing else (the same model name);
-    without it the recipe's own precision is used."""
+def test_benchmark_runs_the_recipe_in_the_precision_and_mode_asked_for(tmp_path, precision, compile_):
+    """bench/mtd.py --precision replaces the recipe's precision and --no-compile drops its --compile, and neither
+    changes anything else (the same model name); without them the recipe's own precision and mode are used."""
     from config import parse_config
     args = mtd.benchmark_args(tmp_path / 'data', tmp_path / 'out', ['--workers', '2', '--seed', '1'],
-                              mtd.benchmark_recipe(precision))
+                              mtd.benchmark_recipe(precision, compile_))
     cfg = parse_config(args)
     assert cfg.precision == (precision or mtd.RECIPE['precision'])
+    assert mtd.RECIPE['compile'] is True and cfg.compile is compile_
     assert (cfg.dataset, cfg.class_name, cfg.pro, cfg.seed, cfg.workers) == ('mtd', 'tile', True, 1, 2)
     assert cfg.model_name == parse_config(mtd.benchmark_args(tmp_path / 'data', tmp_path / 'out', [],
                                                              mtd.RECIPE)).model_name
