@@ -103,12 +103,13 @@ def recipe_args(recipe: dict) -> list[str]:
             *(['--scale-weights', *map(str, recipe['scale_weights'])] if 'scale_weights' in recipe else [])]
 
 
-def run_main(args: list[str]) -> None:
+def run_main(args: list[str], hint: str = '') -> None:
+    """Run main.py with ``args``; a failure stops the benchmark with its exit status and ``hint``."""
     cmd = [sys.executable, str(REPO / 'main.py'), *args]
     print('$ ' + ' '.join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
-        raise SystemExit(f'main.py failed with exit status {proc.returncode}')
+        raise SystemExit(f'main.py failed with exit status {proc.returncode}{hint}')
 
 
 SYNTHETIC_KINDS = ('blowhole', 'crack', 'break', 'fray', 'uneven')
@@ -264,7 +265,8 @@ def benchmark(data: Path, out: Path, common: list[str], precision: str | None = 
     """Run :func:`benchmark_args` and print the one-row table and the per-defect table."""
     recipe = benchmark_recipe(precision, compile_)
     start = time.perf_counter()
-    run_main(benchmark_args(data, out, common, recipe))
+    run_main(benchmark_args(data, out, common, recipe),
+             '; if it says --compile failed, run bench/mtd.py --no-compile' if recipe.get('compile') else '')
     wall = time.perf_counter() - start
     files = [p for p in (out / 'results').glob('mtd_*.json') if not p.name.endswith('_norm-test.json')]
     res = json.loads(max(files, key=lambda p: p.stat().st_mtime).read_text())

@@ -93,6 +93,20 @@ def test_benchmark_runs_the_recipe_in_the_precision_and_mode_asked_for(tmp_path,
                                                              mtd.RECIPE)).model_name
 
 
+def test_benchmark_failure_of_the_compiled_recipe_names_no_compile(tmp_path, monkeypatch):
+    """A failed main.py run stops the benchmark with its exit status; the compiled recipe's message names
+    --no-compile (what to do where torch.compile finds no working compiler), the eager one's does not."""
+    import subprocess
+    calls = []
+    monkeypatch.setattr(subprocess, 'run', lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 2))
+    for compile_, named in ((True, True), (False, False)):
+        with pytest.raises(SystemExit) as exc:
+            mtd.benchmark(tmp_path / 'data', tmp_path / 'out', [], None, compile_)
+        assert str(exc.value).startswith('main.py failed with exit status 2')
+        assert ('--no-compile' in str(exc.value)) is named
+        assert ('--compile' in calls[-1]) is compile_
+
+
 def test_eval_memory_bench_runs_and_cutting_the_score_axis_keeps_the_metrics():
     """bench/eval_memory.py end to end on a tiny grid, with every defect pixel held at once and with a budget
     that cuts the score axis into many ranges: more passes, the same metrics."""
