@@ -18,7 +18,7 @@ epoch) is printed as selected; a finished candidate in ``--output-dir`` is reuse
 again. ``--candidates`` restricts the run to some of ``CANDIDATES``.
 
 ``RECIPE`` is candidate 12 (``CANDIDATES[12]``) scored with ``--scale-weights 1 1 0`` and run with ``--compile``
-(about 1.7x the eager training speed on the CPU; ``--no-compile`` runs it eagerly where no C++ compiler works).
+(1.5-1.9x the eager training speed on the CPU; ``--no-compile`` runs it eagerly where no C++ compiler works).
 The whole record of the selection, every candidate's validation figures, each step of the choice and the test
 figures of every recipe the benchmark has used, is in ``bench/MTD.md``.
 """
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="override the recipe's precision (bf16); with --select, that of candidates without one (fp32)")
     p.add_argument('--no-compile', action='store_true',
                    help='run the recipe eagerly instead of with --compile (for machines without a C++ compiler; '
-                        'training takes about 1.7x as long on the CPU)')
+                        'training takes 1.5-1.9x as long on the CPU)')
     args = p.parse_args(argv)
     data, out = Path(args.data_path), Path(args.output_dir)
     if not (data / 'MT_Free' / 'Imgs').is_dir():
